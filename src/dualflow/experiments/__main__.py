@@ -1,0 +1,3 @@
+from dualflow.experiments.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Losses on propagated moments (MATH.md section 2; the paper's Eqs. 2, 4, 6).
+
+The paper's loss is the marginal negative log-likelihood ``J = -log p(y | x)`` with the
+network's randomness integrated out, evaluated on the output moments ``(m_L, v_L)``.
+All losses return the **mean over the batch** of ``J`` (summed over output dimensions).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dualflow.gaussian import Gaussian, as_gaussian
+
+__all__ = [
+    "GaussianLikelihood",
+    "categorical_nll",
+    "gaussian_log_density",
+    "gaussian_nll",
+    "predictive_mean_var",
+    "predictive_probs",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def _check_pred(pred: Tensor | Gaussian, name: str = "prediction") -> Gaussian:
+    g = as_gaussian(pred)
+    if g.mean.shape != g.var.shape:
+        raise ValueError(
+            f"{name}: mean and variance shapes differ: {tuple(g.mean.shape)} vs {tuple(g.var.shape)}"
+        )
+    ok = torch.stack([torch.isfinite(g.mean).all(), torch.isfinite(g.var).all(), (g.var >= 0).all()]).tolist()
+    if not ok[0] or not ok[1]:
+        raise ValueError(f"{name} contains NaN or inf values (diverged training? lower the learning rate)")
+    if not ok[2]:
+        raise ValueError(f"{name} has negative variances")
+    return g
+
+
+def _noise(noise_var: float | Tensor, like: Tensor) -> Tensor:
+    nv = torch.as_tensor(noise_var, dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(nv).all()) or not bool((nv > 0).all()):
+        raise ValueError(f"noise_var must be positive and finite, got {noise_var}")
+    return nv
+
+
+def _match_target(g: Gaussian, target: Tensor) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.shape != g.mean.shape:
+        # the one silent-broadcast trap worth accepting explicitly: (B, 1) vs (B,)
+        if g.mean.dim() == 2 and g.mean.shape[1] == 1 and target.shape == g.mean.shape[:1]:
+            target = target.unsqueeze(1)
+        else:
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match prediction shape {tuple(g.mean.shape)}"
+            )
+    _finite(target, "target")
+    return target.to(g.mean.dtype)
+
+
+def _sum_event(x: Tensor) -> Tensor:
+    return x.sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
+
+
+def gaussian_nll(
+    pred: Tensor | Gaussian,
+    target: Tensor,
+    noise_var: float | Tensor,
+    objective: Literal["predictive", "elbo"] = "predictive",
+) -> Tensor:
+    """Gaussian regression loss, mean over the batch (summed over output dims).
+
+    ``objective="predictive"`` (the paper's marginal / Kalman innovation form):
+    ``J = 0.5 log(2 pi (v + tau^2)) + (y - m)^2 / (2 (v + tau^2))``.
+    ``objective="elbo"`` (expected log-likelihood under q):
+    ``E_q J = 0.5 log(2 pi tau^2) + ((y - m)^2 + v) / (2 tau^2)``.
+
+    Args:
+        pred: output moments, mean/var ``(B,)`` or ``(B, D)``; a tensor means variance 0.
+        target: same shape as the mean (``(B,)`` is accepted for ``(B, 1)`` predictions).
+        noise_var: observation noise variance ``tau^2 > 0`` (float or tensor broadcastable to the output).
+        objective: ``"predictive"`` or ``"elbo"``.
+
+    Returns:
+        Scalar tensor.
+    """
+    g = _check_pred(pred)
+    y = _match_target(g, target)
+    nv = _noise(noise_var, g.mean)
+    r2 = (y - g.mean) ** 2
+    if objective == "predictive":
+        s = g.var + nv
+        j = 0.5 * (_LOG_2PI + torch.log(s) + r2 / s)
+    elif objective == "elbo":
+        j = 0.5 * (_LOG_2PI + torch.log(nv) + (r2 + g.var) / nv)
+    else:
+        raise ValueError(f"objective must be 'predictive' or 'elbo', got {objective!r}")
+    return _sum_event(j).mean()
+
+
+def gaussian_log_density(
+    pred: Tensor | Gaussian, target: Tensor, noise_var: float | Tensor = 0.0, y_scale: float = 1.0
+) -> Tensor:
+    """Per-example predictive log density ``log N(y; m, v + tau^2)``, shape ``(B,)``.
+
+    With targets standardised as ``(y - mu) / y_scale``, pass the *standardised* prediction
+    and target and ``y_scale`` to get the density of the original ``y``: the Jacobian adds
+    ``-log(y_scale)`` per output dimension.
+    """
+    g = _check_pred(pred)
+    y = _match_target(g, target)
+    s = g.var + torch.as_tensor(noise_var, dtype=g.mean.dtype, device=g.mean.device)
+    if not bool((s > 0).all()):
+        raise ValueError("predictive variance v + noise_var must be > 0")
+    lp = -0.5 * (_LOG_2PI + torch.log(s) + (y - g.mean) ** 2 / s) - math.log(y_scale)
+    return _sum_event(lp)
+
+
+def predictive_mean_var(pred: Tensor | Gaussian, noise_var: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the predictive distribution ``N(m, v + tau^2)`` of ``y``."""
+    g = as_gaussian(pred)
+    return g.mean, g.var + torch.as_tensor(noise_var, dtype=g.mean.dtype, device=g.mean.device)
+
+
+def _check_labels(target: Tensor, num_classes: int, batch: int) -> None:
+    if not isinstance(target, Tensor) or target.dtype not in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.uint8,
+    ):
+        raise TypeError("target must be an integer tensor of class indices")
+    if target.shape != (batch,):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match batch size {batch}")
+    if batch and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(
+            f"target labels must lie in [0, {num_classes}), got [{int(target.min())}, {int(target.max())}]"
+        )
+
+
+def _log_probs(
+    logits: Tensor | Gaussian, method: str, samples: int, generator: torch.Generator | None
+) -> Tensor:
+    g = _check_pred(logits, "logits")
+    if g.mean.dim() != 2:
+        raise ValueError(f"logits must have shape (B, C), got {tuple(g.mean.shape)}")
+    if method == "probit":
+        # E softmax(z) ~ softmax(m / sqrt(1 + pi/8 v)) (mean-field / probit approximation)
+        return F.log_softmax(g.mean * torch.rsqrt(1.0 + (math.pi / 8.0) * g.var), dim=-1)
+    if method == "sample":
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        eps = torch.randn(
+            (samples, *g.mean.shape), dtype=g.mean.dtype, device=g.mean.device, generator=generator
+        )
+        z = g.mean + g.var.sqrt() * eps
+        return torch.logsumexp(F.log_softmax(z, dim=-1), dim=0) - math.log(samples)
+    raise ValueError(f"method must be 'probit' or 'sample', got {method!r}")
+
+
+def categorical_nll(
+    logits: Tensor | Gaussian,
+    target: Tensor,
+    method: Literal["probit", "sample"] = "probit",
+    samples: int = 64,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Classification loss ``-log E softmax(z)_y`` for logits ``z ~ N(m, v)``, mean over the batch.
+
+    Args:
+        logits: ``(B, C)`` moments (a tensor means variance 0: ordinary cross-entropy).
+        target: ``(B,)`` integer labels.
+        method: ``"probit"`` (sampling-free, MATH.md section 2) or ``"sample"``: ``S`` samples of
+            the logits only, log-mean-exp (a check of the approximation; biased upwards for small S).
+        samples: ``S`` for ``"sample"``.
+    """
+    lp = _log_probs(logits, method, samples, generator)
+    _check_labels(target, lp.shape[1], lp.shape[0])
+    return F.nll_loss(lp, target.long())
+
+
+def predictive_probs(
+    logits: Tensor | Gaussian,
+    method: Literal["probit", "sample"] = "probit",
+    samples: int = 64,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Class probabilities ``E softmax(z)``, shape ``(B, C)``."""
+    return _log_probs(logits, method, samples, generator).exp()
+
+
+class GaussianLikelihood(torch.nn.Module):
+    """Homoscedastic Gaussian observation model with fixed or learned noise variance.
+
+    ``forward(pred, target)`` returns :func:`gaussian_nll`. The learned noise variance is
+    ``softplus(raw) + min_noise_var``.
+
+    Args:
+        noise_var: initial (or fixed) ``tau^2 > 0``.
+        learn: learn ``tau^2`` by gradient.
+        objective: ``"predictive"`` or ``"elbo"``.
+        min_noise_var: floor of the learned noise variance.
+    """
+
+    def __init__(
+        self,
+        noise_var: float = 1.0,
+        learn: bool = True,
+        objective: Literal["predictive", "elbo"] = "predictive",
+        min_noise_var: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if not noise_var > 0:
+            raise ValueError(f"noise_var must be > 0, got {noise_var}")
+        if objective not in ("predictive", "elbo"):
+            raise ValueError(f"objective must be 'predictive' or 'elbo', got {objective!r}")
+        self.objective = objective
+        self.min_noise_var = float(min_noise_var)
+        x = max(noise_var - min_noise_var, 1e-8)
+        raw = torch.tensor(x + math.log(-math.expm1(-x)))  # inverse softplus
+        if learn:
+            self.raw_noise = torch.nn.Parameter(raw)
+        else:
+            self.register_buffer("raw_noise", raw)
+
+    @property
+    def noise_var(self) -> Tensor:
+        return F.softplus(self.raw_noise) + self.min_noise_var
+
+    def forward(self, pred: Tensor | Gaussian, target: Tensor) -> Tensor:
+        return gaussian_nll(pred, target, self.noise_var, self.objective)

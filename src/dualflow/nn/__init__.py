@@ -1,0 +1,68 @@
+"""Moment-propagating modules: each ``forward`` maps a :class:`dualflow.Gaussian` to a Gaussian.
+
+Every row of MATH.md section 1. Layers with weights hold mean-field Gaussian weights
+(``bayes=True``, default) or point weights; :func:`kl` sums KL(q || p) over a model.
+"""
+
+from dualflow.nn.activations import (
+    ACTIVATIONS,
+    ELU,
+    GELU,
+    Activation,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softplus,
+    Tanh,
+)
+from dualflow.nn.base import BayesLayer, Module, kl, kl_normal, set_checks
+from dualflow.nn.convert import CONVERTERS, from_torch
+from dualflow.nn.layers import Conv1d, Conv2d, Linear
+from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
+from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
+from dualflow.nn.structure import (
+    Add,
+    Concat,
+    Flatten,
+    Identity,
+    Product,
+    Reshape,
+    Residual,
+    Sequential,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "CONVERTERS",
+    "ELU",
+    "GELU",
+    "Activation",
+    "Add",
+    "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BayesLayer",
+    "Concat",
+    "Conv1d",
+    "Conv2d",
+    "Flatten",
+    "GlobalAvgPool2d",
+    "Identity",
+    "LayerNorm",
+    "Linear",
+    "MaxPool2d",
+    "Module",
+    "Product",
+    "ReLU",
+    "Reshape",
+    "Residual",
+    "Sequential",
+    "SiLU",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
+    "from_torch",
+    "kl",
+    "kl_normal",
+    "set_checks",
+]

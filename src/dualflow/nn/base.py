@@ -1,0 +1,199 @@
+"""Base classes: moment-propagating modules and mean-field Gaussian parameters."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dualflow.gaussian import Gaussian, check_gaussian
+
+__all__ = ["BayesLayer", "Module", "kl", "kl_normal", "set_checks", "split_input"]
+
+Input = Tensor | Gaussian
+
+
+def split_input(x: Any) -> tuple[Tensor, Tensor | None]:
+    """``Gaussian -> (mean, var)``; a plain tensor is a point mass: ``(x, None)``."""
+    if isinstance(x, Gaussian):
+        return x.mean, x.var
+    if isinstance(x, Tensor):
+        return x, None
+    raise TypeError(f"expected a torch.Tensor or dualflow.Gaussian, got {type(x).__name__}")
+
+
+def pack(mean: Tensor, var: Tensor | None) -> Input:
+    """Inverse of :func:`split_input`."""
+    return mean if var is None else Gaussian(mean, var)
+
+
+class Module(torch.nn.Module):
+    """A moment-propagating module: ``forward(Gaussian | Tensor) -> Gaussian | Tensor``.
+
+    A plain tensor input is a point mass (variance 0) and, where the module adds no
+    randomness, a plain tensor comes out, so point networks cost no more than ``torch.nn``.
+
+    ``check_inputs`` (default ``True``) makes parametrised layers and containers validate
+    their inputs (shapes, NaN/inf, negative variances) with a clear ``ValueError``; it costs
+    one device synchronisation per check. Turn it off with :func:`set_checks`.
+    """
+
+    check_inputs: bool = True
+
+    def kl(self) -> Tensor:
+        """KL(q || p) summed over every mean-field Gaussian parameter in this module tree."""
+        return kl(self)
+
+
+def set_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """Switch input validation on or off for every :class:`Module` in ``model``."""
+    for mod in model.modules():
+        if isinstance(mod, Module):
+            mod.check_inputs = enabled
+    return model
+
+
+def kl_normal(mean: Tensor, var: Tensor, prior_var: float | Tensor) -> Tensor:
+    """``sum KL(N(mean, var) || N(0, prior_var))`` (MATH.md section 2):
+    ``0.5 (var/s0 + mean^2/s0 - 1 - log(var/s0))`` summed over all elements."""
+    r = var / prior_var
+    return 0.5 * (r + mean * mean / prior_var - 1.0 - torch.log(r)).sum()
+
+
+def kl(model: torch.nn.Module) -> Tensor:
+    """KL(q || p) of all :class:`BayesLayer` parameters in ``model`` (0 for a point network)."""
+    total: Tensor | None = None
+    for mod in model.modules():
+        if isinstance(mod, BayesLayer) and mod.bayes:
+            k = mod.kl_own()
+            total = k if total is None else total + k
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), dtype=p.dtype if p is not None else torch.get_default_dtype())
+    return total
+
+
+def _inv_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class BayesLayer(Module):
+    """Mixin for layers with mean-field Gaussian weights ``W ~ N(mu, sigma^2)``.
+
+    Parameterisation: ``weight_mu`` and ``weight_rho`` with ``sigma = softplus(rho)``
+    (MATH.md section 2), likewise for the bias. ``bayes=False`` keeps only the means (a
+    point network). Prior ``N(0, prior_var)`` on every weight and bias.
+
+    Initialisation ("He second-moment rule"): ``E[mu^2] + sigma^2 = gain^2 / fan_in`` with
+    ``sigma^2 = init_var_ratio * gain^2 / fan_in`` and ``mu ~ N(0, (1 - init_var_ratio)
+    gain^2 / fan_in)``. With ``gain^2 = 2`` the second moment ``E[m^2 + v]`` of ReLU
+    activations is preserved from layer to layer (He et al. 2015 applied to the total
+    weight second moment); ``init_var_ratio`` sets the share of weight noise.
+    The default prior variance is the same scale, ``gain^2 / fan_in``.
+    """
+
+    bayes: bool
+
+    def _setup(
+        self,
+        weight_shape: tuple[int, ...],
+        fan_in: int,
+        bias: bool,
+        bayes: bool,
+        prior_var: float | None,
+        init_var_ratio: float,
+        gain: float,
+        device: Any,
+        dtype: Any,
+    ) -> None:
+        if not 0.0 < init_var_ratio < 1.0:
+            raise ValueError(f"init_var_ratio must lie in (0, 1), got {init_var_ratio}")
+        if prior_var is not None and not prior_var > 0:
+            raise ValueError(f"prior_var must be > 0, got {prior_var}")
+        kw = {"device": device, "dtype": dtype}
+        self.bayes = bool(bayes)
+        self.fan_in = int(fan_in)
+        self.gain = float(gain)
+        self.init_var_ratio = float(init_var_ratio)
+        self.prior_var = float(prior_var) if prior_var is not None else gain * gain / fan_in
+        self.weight_mu = torch.nn.Parameter(torch.empty(weight_shape, **kw))
+        self.weight_rho = torch.nn.Parameter(torch.empty(weight_shape, **kw)) if bayes else None
+        out = weight_shape[0]
+        self.bias_mu = torch.nn.Parameter(torch.empty(out, **kw)) if bias else None
+        self.bias_rho = torch.nn.Parameter(torch.empty(out, **kw)) if (bias and bayes) else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        scale2 = self.gain**2 / self.fan_in
+        r = self.init_var_ratio if self.bayes else 0.0
+        self.weight_mu.normal_(0.0, math.sqrt((1.0 - r) * scale2))
+        if self.bias_mu is not None:
+            self.bias_mu.zero_()
+        if self.bayes:
+            rho0 = _inv_softplus(math.sqrt(r * scale2))
+            self.weight_rho.fill_(rho0)
+            if self.bias_rho is not None:
+                self.bias_rho.fill_(rho0)
+
+    # Interface: the four tensors below are what other tools read.
+    @property
+    def weight_mean(self) -> Tensor:
+        return self.weight_mu
+
+    @property
+    def weight_var(self) -> Tensor:
+        """Weight variances ``softplus(rho)^2`` (zeros for point weights)."""
+        if self.weight_rho is None:
+            return torch.zeros_like(self.weight_mu)
+        return F.softplus(self.weight_rho).square()
+
+    @property
+    def bias_mean(self) -> Tensor | None:
+        return self.bias_mu
+
+    @property
+    def bias_var(self) -> Tensor | None:
+        if self.bias_mu is None:
+            return None
+        if self.bias_rho is None:
+            return torch.zeros_like(self.bias_mu)
+        return F.softplus(self.bias_rho).square()
+
+    def _moments(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """``(w_mean, w_var or None, b_mean, b_var or None)`` with ``None`` for point weights."""
+        if not self.bayes:
+            return self.weight_mu, None, self.bias_mu, None
+        return self.weight_mu, self.weight_var, self.bias_mu, self.bias_var
+
+    def variational_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """``[(mu, rho), ...]`` for the weight and bias (empty for point weights)."""
+        if not self.bayes:
+            return []
+        pairs = [(self.weight_mu, self.weight_rho)]
+        if self.bias_mu is not None:
+            pairs.append((self.bias_mu, self.bias_rho))
+        return pairs
+
+    def kl_own(self) -> Tensor:
+        """KL(q || p) of this layer's own weights and bias."""
+        if not self.bayes:
+            return self.weight_mu.new_zeros(())
+        total = kl_normal(self.weight_mu, self.weight_var, self.prior_var)
+        if self.bias_mu is not None:
+            total = total + kl_normal(self.bias_mu, self.bias_var, self.prior_var)
+        return total
+
+    def _validate(self, x: Input, expect_dim: int, axis: int, min_ndim: int) -> None:
+        m = x.mean if isinstance(x, Gaussian) else x
+        if not isinstance(m, Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a Tensor or Gaussian, got {type(x).__name__}")
+        if m.dim() < min_ndim or m.shape[axis] != expect_dim:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with {expect_dim} features on axis {axis} "
+                f"(at least {min_ndim} dims), got shape {tuple(m.shape)}"
+            )
+        check_gaussian(x, f"{type(self).__name__} input")

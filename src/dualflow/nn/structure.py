@@ -1,0 +1,118 @@
+"""Containers and structural / binary operations on Gaussians."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dualflow import rules
+from dualflow.gaussian import Gaussian, add_independent, cat, check_gaussian
+from dualflow.nn.base import Input, Module, pack, split_input
+
+__all__ = ["Add", "Concat", "Flatten", "Identity", "Product", "Reshape", "Residual", "Sequential"]
+
+
+class Sequential(Module, torch.nn.Sequential):
+    """Moment-propagating ``Sequential``: each child maps ``Gaussian -> Gaussian``.
+
+    With ``check_inputs`` the input is validated once (NaN/inf, negative variances).
+    """
+
+    def forward(self, x: Input) -> Input:  # type: ignore[override]
+        if self.check_inputs:
+            check_gaussian(x, "Sequential input")
+        for module in self:
+            x = module(x)
+        return x
+
+
+class Identity(Module):
+    def forward(self, x: Input) -> Input:
+        return x
+
+
+class Flatten(Module):
+    """Flatten dims ``start_dim..end_dim`` of mean and variance (exact)."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x: Input) -> Input:
+        m, v = split_input(x)
+        return pack(
+            m.flatten(self.start_dim, self.end_dim),
+            None if v is None else v.flatten(self.start_dim, self.end_dim),
+        )
+
+
+class Reshape(Module):
+    """Reshape the non-batch dims to ``shape`` (exact)."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Input) -> Input:
+        m, v = split_input(x)
+        s = (m.shape[0], *self.shape)
+        return pack(m.reshape(s), None if v is None else v.reshape(s))
+
+
+def _add(a: Input, b: Input) -> Input:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a + b
+    return add_independent(a, b)
+
+
+class Add(Module):
+    """Sum of two inputs treated as *independent*: ``(m1 + m2, v1 + v2)``.
+
+    In a residual block ``x + f(x)`` the two terms are correlated; moment propagation
+    ignores that correlation (an approximation, as in the paper).
+    """
+
+    def forward(self, a: Input, b: Input) -> Input:  # type: ignore[override]
+        ma, mb = split_input(a)[0], split_input(b)[0]
+        if ma.shape != mb.shape:
+            raise ValueError(f"Add: shapes differ: {tuple(ma.shape)} vs {tuple(mb.shape)}")
+        return _add(a, b)
+
+
+class Residual(Module):
+    """``block(x) + shortcut(x)`` (identity shortcut by default), summed as independent."""
+
+    def __init__(self, block: torch.nn.Module, shortcut: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.shortcut = shortcut if shortcut is not None else Identity()
+
+    def forward(self, x: Input) -> Input:
+        return _add(self.block(x), self.shortcut(x))
+
+
+class Concat(Module):
+    """Concatenate inputs along ``dim`` (exact), e.g. DenseNet feature maps."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, xs: Sequence[Input]) -> Input:  # type: ignore[override]
+        if all(isinstance(x, Tensor) for x in xs):
+            return torch.cat(list(xs), self.dim)
+        return cat(xs, self.dim)
+
+
+class Product(Module):
+    """Element-wise product of two *independent* Gaussians (exact under independence):
+    ``(mx my, mx^2 vy + my^2 vx + vx vy)``; e.g. squeeze-and-excite gates."""
+
+    def forward(self, a: Input, b: Input) -> Input:  # type: ignore[override]
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            return a * b
+        ga = a if isinstance(a, Gaussian) else Gaussian.deterministic(a)
+        gb = b if isinstance(b, Gaussian) else Gaussian.deterministic(b)
+        return Gaussian(*rules.product(ga.mean, ga.var, gb.mean, gb.var))

@@ -1,0 +1,469 @@
+"""Moment rules: pure functions mapping input moments to output moments.
+
+Every rule of ``docs/MATH.md`` section 1 (the paper's Algorithm 1, "filtering"), grouped
+by the assumption it makes:
+
+* structural ops (reshape, concat, pad, ...) are exact and live on :class:`~dualflow.Gaussian`;
+* linear mixing with Gaussian or point weights (:func:`linear`, :func:`conv`) is exact in
+  its first two moments for independent weights and inputs;
+* element-wise non-linearities: ReLU in closed form (exact moments of a rectified
+  Gaussian), any ``f`` by Gauss-Hermite quadrature (exact as ``K`` grows), or the paper's
+  first-order Taylor rule (Eq. 3; approximate);
+* binary ops on *independent* inputs: sum, product, Clark's max of two Gaussians.
+
+All rules take and return plain tensors ``(mean, var)`` so they compose with
+``torch.func``; ``var=None`` means "known to be exactly 0" and lets linear maps skip the
+variance map of the input (a saving, not an approximation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "avg_pool2d",
+    "conv",
+    "elementwise_gh",
+    "elementwise_taylor",
+    "global_avg_pool",
+    "layer_norm",
+    "linear",
+    "max2",
+    "max_pool2d_clark",
+    "max_pool2d_lse",
+    "product",
+    "relu",
+    "relu_taylor",
+    "var_floor",
+]
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def var_floor(dtype: torch.dtype) -> float:
+    """Smallest variance used before ``sqrt``/division (MATH.md section 1, notes).
+
+    Chosen so that ``1/sqrt(floor)`` and ``m/floor`` stay far from overflow.
+    """
+    if dtype == torch.float64:
+        return 1e-24
+    if dtype == torch.float16:
+        return 1e-4
+    return 1e-12
+
+
+def _cutoff(dtype: torch.dtype) -> float:
+    """|z| beyond which ``phi(z)`` and ``Phi(-|z|)`` are set to exactly 0.
+
+    Without it the far tails produce subnormal floats, which make every later matmul on
+    the CPU 10-100x slower; the values dropped are below 1e-22 (float32) / 1e-260 (float64).
+    """
+    return 35.0 if dtype == torch.float64 else 10.0
+
+
+def _cdf(x: Tensor) -> Tensor:
+    c = _cutoff(x.dtype)
+    return torch.where(x < -c, 0.0, torch.where(x > c, 1.0, 0.5 * torch.erfc(-x / _SQRT2)))
+
+
+def _pdf(x: Tensor) -> Tensor:
+    c = _cutoff(x.dtype)
+    return torch.where(x.abs() > c, 0.0, torch.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+
+
+def _flush(x: Tensor) -> Tensor:
+    """Set magnitudes below 1e-25 (float32) / 1e-250 (float64) to 0 (no subnormals downstream)."""
+    tiny = 1e-250 if x.dtype == torch.float64 else 1e-25
+    return torch.where(x.abs() < tiny, 0.0, x)
+
+
+# ----------------------------------------------------------------------------- linear mixing
+
+
+def linear(
+    m: Tensor,
+    v: Tensor | None,
+    w_mean: Tensor,
+    w_var: Tensor | None,
+    b_mean: Tensor | None = None,
+    b_var: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Moments of ``y = x W^T + b`` for independent Gaussian ``x``, ``W``, ``b``.
+
+    Mean ``m W_mu^T + b_mu``; variance ``v (W_mu^2)^T + (m^2 + v)(W_var)^T + b_var``
+    (MATH.md section 1; the paper's Algorithm 1 omits the ``W_var v`` term). The two
+    variance maps run as one matmul over a doubled inner dimension.
+
+    Args:
+        m: input mean ``(..., in)``.
+        v: input variance ``(..., in)`` or ``None`` (exactly 0).
+        w_mean: ``(out, in)``.
+        w_var: ``(out, in)`` or ``None`` for point weights.
+        b_mean, b_var: ``(out,)`` or ``None``.
+
+    Returns:
+        ``(mean, var)``, each ``(..., out)``.
+    """
+    mean = F.linear(m, w_mean, b_mean)
+    if w_var is None:
+        var = F.linear(v, w_mean * w_mean) if v is not None else torch.zeros_like(mean)
+    elif v is None:
+        var = F.linear(m * m, w_var)
+    else:
+        # one call: [v, m^2] @ [mu^2 + s^2, s^2]^T  ==  v mu^2 + (m^2 + v) s^2
+        x2 = torch.cat([v, m * m], dim=-1)
+        w2 = torch.cat([w_mean * w_mean + w_var, w_var], dim=-1)
+        var = F.linear(x2, w2)
+    if b_var is not None:
+        var = var + b_var
+    return mean, var
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _interleave_groups(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """Stack ``a`` and ``b`` on the channel axis so that each group sees ``[a_g, b_g]``."""
+    if groups == 1:
+        return torch.cat([a, b], dim=1)
+    n, c = a.shape[:2]
+    rest = a.shape[2:]
+    ab = torch.stack([a.reshape(n, groups, c // groups, *rest), b.reshape(n, groups, c // groups, *rest)], 2)
+    return ab.reshape(n, 2 * c, *rest)
+
+
+def conv(
+    m: Tensor,
+    v: Tensor | None,
+    w_mean: Tensor,
+    w_var: Tensor | None,
+    b_mean: Tensor | None = None,
+    b_var: Tensor | None = None,
+    *,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Moments of an N-d convolution (N = 1, 2, 3) with independent Gaussian weights.
+
+    Same rule as :func:`linear` with the convolution as the linear map ``A``: mean
+    ``A_mu(m) + b_mu``, variance ``A_{mu^2}(v) + A_{var}(m^2 + v) + b_var``. The two
+    variance convolutions run as one over doubled input channels (interleaved per group).
+
+    Args:
+        m: ``(B, C_in, *spatial)``.
+        v: same shape, or ``None`` (exactly 0).
+        w_mean, w_var: ``(C_out, C_in / groups, *kernel)``; ``w_var=None`` for point weights.
+        b_mean, b_var: ``(C_out,)`` or ``None``.
+
+    Returns:
+        ``(mean, var)`` of shape ``(B, C_out, *spatial_out)``.
+    """
+    nd = w_mean.dim() - 2
+    fn = _CONV[nd]
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    mean = fn(m, w_mean, b_mean, **kw)
+    if w_var is None:
+        var = fn(v, w_mean * w_mean, None, **kw) if v is not None else torch.zeros_like(mean)
+    elif v is None:
+        var = fn(m * m, w_var, None, **kw)
+    else:
+        x2 = _interleave_groups(v, m * m, groups)
+        w2 = torch.cat([w_mean * w_mean + w_var, w_var], dim=1)
+        var = fn(x2, w2, None, **kw)
+    if b_var is not None:
+        var = var + b_var.reshape(-1, *([1] * nd))
+    return mean, var
+
+
+# ----------------------------------------------------------------------------- ReLU
+
+
+def _relu_moments(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean, variance, ``Phi(a)``, ``phi(a)/s`` of ``max(0, x)``, ``x ~ N(m, v)``."""
+    v = v.clamp_min(var_floor(v.dtype))
+    s = v.sqrt()
+    a = m / s
+    cdf = _cdf(a)
+    pdf = _pdf(a)
+    h = a * cdf + pdf  # E[max(0, z + a)] for z ~ N(0, 1)
+    mean = s * h
+    # Normalised variance of max(0, z + a), written without catastrophic cancellation
+    # for large positive a: Phi + a^2 Phi(1 - Phi) + a phi (1 - 2 Phi) - phi^2.
+    # For negative a use the Mills-ratio form (every term carries phi(a), so rounding
+    # errors are scaled by phi and vanish in the far tail).
+    ccdf = _cdf(-a)
+    var_pos = cdf + a * a * cdf * ccdf + a * pdf * (ccdf - cdf) - pdf * pdf
+    t = -a
+    mills = torch.special.erfcx(t / _SQRT2) * math.sqrt(math.pi / 2.0)  # Phi(-t)/phi(t)
+    one_minus_tm = 1.0 - t * mills
+    var_neg = pdf * ((1.0 + t * t) * mills - t) - (pdf * one_minus_tm) ** 2
+    var_n = _flush(torch.where(a >= 0, var_pos, var_neg).clamp_min(0.0))
+    return mean, v * var_n, cdf, pdf / s
+
+
+class _ReLUMoments(torch.autograd.Function):
+    """Closed-form rectified-Gaussian moments with an analytic backward.
+
+    Backward (derived from the closed form; ``a = m/s``):
+    ``dmean/dm = Phi(a)``, ``dmean/dv = phi(a)/(2s)``,
+    ``dvar/dm = 2 mean (1 - Phi(a))``, ``dvar/dv = Phi(a) - mean phi(a)/s``.
+    It recomputes from the saved inputs, so it is itself differentiable (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        mean, var, _, _ = _relu_moments(m, v)
+        ctx.save_for_backward(m, v)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        m, v = ctx.saved_tensors
+        mean, _, cdf, pdf_over_s = _relu_moments(m, v)
+        g_m = g_mean * cdf + g_var * (2.0 * mean * (1.0 - cdf))
+        g_v = g_mean * (0.5 * pdf_over_s) + g_var * (cdf - mean * pdf_over_s)
+        return g_m, g_v
+
+
+def relu(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (MATH.md section 1).
+
+    ``mean = m Phi(a) + s phi(a)``, ``var = (m^2 + v) Phi(a) + m s phi(a) - mean^2`` with
+    ``s = sqrt(v)``, ``a = m / s``, computed in a cancellation-free form and clamped at 0.
+    ``v`` is floored at :func:`var_floor` so that ``v = 0`` gives ``relu(m)`` with the
+    gradient of ``relu``.
+    """
+    return _ReLUMoments.apply(m, v)
+
+
+def relu_taylor(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's first-order rule (Eq. 3) for ReLU: ``(relu(m), 1[m > 0] v)``."""
+    return torch.relu(m), v * (m > 0).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- any f
+
+
+@lru_cache(maxsize=32)
+def _hermgauss(k: int) -> tuple[np.ndarray, np.ndarray]:
+    t, w = np.polynomial.hermite.hermgauss(k)
+    return t, w / math.sqrt(math.pi)
+
+
+def elementwise_gh(
+    f: Callable[[Tensor], Tensor], m: Tensor, v: Tensor, nodes: int = 20
+) -> tuple[Tensor, Tensor]:
+    """Moments of ``f(x)``, ``x ~ N(m, v)``, by ``K``-node Gauss-Hermite quadrature.
+
+    ``E f = sum_i w_i f(m + sqrt(2v) t_i) / sqrt(pi)``; the variance is the same rule
+    applied to ``(f - E f)^2`` (equal to ``E f^2 - (E f)^2`` without its cancellation).
+    Exact for polynomials of degree < 2K; accurate for
+    smooth ``f`` whenever ``f`` varies slowly on the scale ``sqrt(v)``.
+
+    Args:
+        f: element-wise function.
+        m, v: same shape ``S``.
+        nodes: ``K``.
+
+    Returns:
+        ``(mean, var)`` of shape ``S``.
+    """
+    t_np, w_np = _hermgauss(nodes)
+    t = torch.as_tensor(t_np, dtype=m.dtype, device=m.device)
+    w = torch.as_tensor(w_np, dtype=m.dtype, device=m.device)
+    s = (2.0 * v.clamp_min(var_floor(v.dtype))).sqrt()
+    x = m.unsqueeze(-1) + s.unsqueeze(-1) * t  # (..., K)
+    fx = f(x)
+    mean = (fx * w).sum(-1)
+    # The quadrature of E[(f - mean)^2] avoids the cancellation of E f^2 - mean^2.
+    var = (((fx - mean.unsqueeze(-1)) ** 2) * w).sum(-1)
+    return _flush(mean), _flush(var.clamp_min(0.0))
+
+
+def elementwise_taylor(f: Callable[[Tensor], Tensor], m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's first-order rule (Eq. 3): ``(f(m), f'(m)^2 v)``; ``f'`` by forward-mode AD."""
+    fm, df = torch.func.jvp(f, (m,), (torch.ones_like(m),))
+    return fm, df * df * v
+
+
+# ----------------------------------------------------------------------------- binary ops
+
+
+def product(mx: Tensor, vx: Tensor, my: Tensor, vy: Tensor) -> tuple[Tensor, Tensor]:
+    """Moments of ``x * y`` for *independent* Gaussians (exact):
+    ``(mx my, mx^2 vy + my^2 vx + vx vy)``."""
+    return mx * my, mx * mx * vy + my * my * vx + vx * vy
+
+
+def max2(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+    """Clark (1961): exact mean and variance of ``max(x1, x2)``, independent Gaussians.
+
+    Computed relative to the larger mean so that nothing cancels when one input dominates
+    (the textbook ``E2 - mean^2`` loses all digits there).
+    """
+    swap = m2 > m1
+    ma, va = torch.where(swap, m2, m1), torch.where(swap, v2, v1)
+    mb, vb = torch.where(swap, m1, m2), torch.where(swap, v1, v2)
+    th2 = (va + vb).clamp_min(var_floor(m1.dtype))
+    th = th2.sqrt()
+    d = ma - mb  # >= 0
+    a = d / th
+    cdf, ccdf, pdf = _cdf(a), _cdf(-a), _pdf(a)
+    shift = -d * ccdf + th * pdf  # E[max] - ma
+    second = va * cdf + (d * d + vb) * ccdf - d * th * pdf  # E[(max - ma)^2]
+    return ma + shift, (second - shift * shift).clamp_min(0.0)
+
+
+def _windows(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """``(B, C, H, W) -> (B, C, k, L)`` sliding windows."""
+    b, c = x.shape[:2]
+    cols = F.unfold(x, kernel, padding=padding, stride=stride)  # (B, C*k, L)
+    return cols.reshape(b, c, kernel[0] * kernel[1], -1)
+
+
+def _out_hw(h: int, w: int, kernel, stride, padding) -> tuple[int, int]:
+    return (h + 2 * padding[0] - kernel[0]) // stride[0] + 1, (w + 2 * padding[1] - kernel[1]) // stride[
+        1
+    ] + 1
+
+
+def max_pool2d_clark(
+    m: Tensor,
+    v: Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] = (0, 0),
+) -> tuple[Tensor, Tensor]:
+    """Max pooling by a tree of pairwise Clark maxima (each intermediate max treated as Gaussian).
+
+    Approximate for windows of more than 2 elements (MATH.md section 1, notes). Padded
+    positions are ignored (as ``-inf`` padding would be).
+    """
+    h, w = m.shape[-2:]
+    oh, ow = _out_hw(h, w, kernel, stride, padding)
+    mw = _windows(m, kernel, stride, padding)
+    vw = _windows(v, kernel, stride, padding)
+    valid = None
+    if padding != (0, 0):
+        ones = torch.ones(1, 1, h, w, dtype=m.dtype, device=m.device)
+        valid = _windows(ones, kernel, stride, padding) > 0.5  # (1, 1, k, L)
+    items = [
+        (mw[:, :, i], vw[:, :, i], None if valid is None else valid[:, :, i]) for i in range(mw.shape[2])
+    ]
+    while len(items) > 1:
+        nxt = []
+        for j in range(0, len(items) - 1, 2):
+            (ma, va, ka), (mb, vb, kb) = items[j], items[j + 1]
+            mm, vv = max2(ma, va, mb, vb)
+            if ka is not None:
+                mm = torch.where(kb, torch.where(ka, mm, mb), ma)
+                vv = torch.where(kb, torch.where(ka, vv, vb), va)
+                kk = ka | kb
+            else:
+                kk = None
+            nxt.append((mm, vv, kk))
+        if len(items) % 2:
+            nxt.append(items[-1])
+        items = nxt
+    mo, vo, _ = items[0]
+    shape = (*m.shape[:2], oh, ow)
+    return mo.reshape(shape), vo.reshape(shape)
+
+
+def max_pool2d_lse(
+    m: Tensor,
+    v: Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] = (0, 0),
+    temperature: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """The paper's smooth max: ``T logsumexp(x / T)`` over the window, first-order moments.
+
+    Mean ``T logsumexp(m / T)``; variance ``sum_i w_i^2 v_i`` with ``w = softmax(m / T)``
+    (the linearisation of the smooth max at the mean, as in Eq. 3). Biased upwards by up
+    to ``T log k``; the variance ignores the spread of the max itself.
+    """
+    h, w = m.shape[-2:]
+    oh, ow = _out_hw(h, w, kernel, stride, padding)
+    mw = _windows(m, kernel, stride, padding) / temperature
+    vw = _windows(v, kernel, stride, padding)
+    if padding != (0, 0):
+        ones = torch.ones(1, 1, h, w, dtype=m.dtype, device=m.device)
+        valid = _windows(ones, kernel, stride, padding) > 0.5
+        mw = mw.masked_fill(~valid, float("-inf"))
+    mean = temperature * torch.logsumexp(mw, dim=2)
+    wts = torch.softmax(mw, dim=2)
+    var = (wts * wts * vw).sum(2)
+    shape = (*m.shape[:2], oh, ow)
+    return mean.reshape(shape), var.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- pooling / norms
+
+
+def avg_pool2d(
+    m: Tensor,
+    v: Tensor | None,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] = (0, 0),
+) -> tuple[Tensor, Tensor | None]:
+    """Average pooling over ``k`` elements: ``(avgpool(m), avgpool(v) / k)``. Exact.
+
+    Zero padding counts towards ``k`` (``count_include_pad=True``), so every window has
+    the same divisor.
+    """
+    k = kernel[0] * kernel[1]
+    mean = F.avg_pool2d(m, kernel, stride, padding, count_include_pad=True)
+    var = None if v is None else F.avg_pool2d(v, kernel, stride, padding, count_include_pad=True) / k
+    return mean, var
+
+
+def global_avg_pool(
+    m: Tensor, v: Tensor | None, dims: tuple[int, ...] = (-2, -1)
+) -> tuple[Tensor, Tensor | None]:
+    """Mean over ``k`` positions: ``(mean(m), mean(v) / k)``. Exact."""
+    k = 1
+    for d in dims:
+        k *= m.shape[d]
+    mean = m.mean(dim=dims)
+    var = None if v is None else v.mean(dim=dims) / k
+    return mean, var
+
+
+def layer_norm(
+    m: Tensor,
+    v: Tensor | None,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor | None]:
+    """LayerNorm with the statistics of the mean (MATH.md section 1, notes).
+
+    ``m' = g (m - mean(m)) / sqrt(var(m) + eps) + b``, ``v' = v g^2 / (var(m) + eps)``: the
+    statistics are taken over the means only (treated as deterministic in the variance
+    path), an approximation.
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    mu = m.mean(dim=dims, keepdim=True)
+    denom = m.var(dim=dims, keepdim=True, unbiased=False) + eps
+    mean = (m - mu) * denom.rsqrt()
+    var = None if v is None else v / denom
+    if weight is not None:
+        mean = mean * weight
+        var = None if var is None else var * weight * weight
+    if bias is not None:
+        mean = mean + bias
+    return mean, var
