@@ -13,7 +13,9 @@ def test_import_does_not_pull_experiment_deps():
 
 
 def test_cli_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "dualflow.experiments", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dualflow.experiments", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0
     assert "quickstart" in out.stdout
 

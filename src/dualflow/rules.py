@@ -291,8 +291,17 @@ def elementwise_gh(
 
 
 def elementwise_taylor(f: Callable[[Tensor], Tensor], m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """The paper's first-order rule (Eq. 3): ``(f(m), f'(m)^2 v)``; ``f'`` by forward-mode AD."""
-    fm, df = torch.func.jvp(f, (m,), (torch.ones_like(m),))
+    """The paper's first-order rule (Eq. 3): ``(f(m), f'(m)^2 v)``.
+
+    ``f'`` comes from autograd (``f`` acts element-wise, so the gradient of ``sum f(m)`` is
+    ``f'(m)``); the result stays differentiable in ``m``.
+    """
+    with torch.enable_grad():
+        x = m if m.requires_grad else m.detach().requires_grad_(True)
+        fm = f(x)
+        (df,) = torch.autograd.grad(fm.sum(), x, create_graph=True)
+    if not m.requires_grad:
+        fm, df = fm.detach(), df.detach()
     return fm, df * df * v
 
 
