@@ -117,11 +117,18 @@ def test_module_contract(name, factory, shape):
     torch.testing.assert_close(a.var, b.var)
 
 
-def test_relu_double_backward():
-    x = _g(5)
-    m = x.mean.clone().requires_grad_(True)
+def test_relu_fused_backward_equals_autograd_and_double_backward():
+    x = _g(50, var_scale=3.0)
+    m = (x.mean * 4).clone().requires_grad_(True)
     v = x.var.clone().requires_grad_(True)
-    assert torch.autograd.gradgradcheck(lambda m, v: df.rules.relu(m, v), (m, v))
+    w = torch.randn(2, 50, dtype=D)
+    outs = [df.rules.relu(m, v, fused=f) for f in (True, False)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    grads = [torch.autograd.grad((w[0] * o[0] + w[1] * o[1]).sum(), (m, v)) for o in outs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradgradcheck(lambda m, v: df.rules.relu(m, v, fused=False), (m[:5], v[:5]))
 
 
 def test_binary_modules_gradcheck():
@@ -357,3 +364,19 @@ def test_gaussian_structural_ops():
     assert df.stack([g, g], 0).shape == (2, 2, 3, 4)
     s = df.add_independent(g, g)
     torch.testing.assert_close(s.var, 2 * g.var)
+
+
+def test_clark_max2_fused_backward_equals_autograd():
+    g = torch.Generator().manual_seed(3)
+    m1, m2 = (torch.randn(200, dtype=D, generator=g) * 2 for _ in range(2))
+    v1, v2 = (torch.rand(200, dtype=D, generator=g) * 2 + 1e-3 for _ in range(2))
+    args = [t.clone().requires_grad_(True) for t in (m1, v1, m2, v2)]
+    w = torch.randn(2, 200, dtype=D, generator=g)
+    outs = [df.rules.max2(*args, fused=f) for f in (True, False)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    grads = [torch.autograd.grad((w[0] * o[0] + w[1] * o[1]).sum(), args) for o in outs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    small = [t[:6].detach().clone().requires_grad_(True) for t in (m1, v1, m2, v2)]
+    assert torch.autograd.gradcheck(lambda *x: df.rules.max2(*x), small)

@@ -9,8 +9,9 @@ moment rules), :mod:`dualflow.nn` (modules), :mod:`dualflow.losses`, :mod:`dualf
 Experiments and the CLI live in :mod:`dualflow.experiments`, which this package never imports.
 """
 
-from dualflow import losses, nn, rules, train
+from dualflow import losses, nn, rules, smoothing, train
 from dualflow.gaussian import Gaussian, add_independent, as_gaussian, cat, check_gaussian, stack
+from dualflow.smoothing import smooth
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "losses",
     "nn",
     "rules",
+    "smooth",
+    "smoothing",
     "stack",
     "train",
 ]

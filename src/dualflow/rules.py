@@ -60,25 +60,6 @@ def var_floor(dtype: torch.dtype) -> float:
     return 1e-12
 
 
-def _cutoff(dtype: torch.dtype) -> float:
-    """|z| beyond which ``phi(z)`` and ``Phi(-|z|)`` are set to exactly 0.
-
-    Without it the far tails produce subnormal floats, which make every later matmul on
-    the CPU 10-100x slower; the values dropped are below 1e-22 (float32) / 1e-260 (float64).
-    """
-    return 35.0 if dtype == torch.float64 else 10.0
-
-
-def _cdf(x: Tensor) -> Tensor:
-    c = _cutoff(x.dtype)
-    return torch.where(x < -c, 0.0, torch.where(x > c, 1.0, 0.5 * torch.erfc(-x / _SQRT2)))
-
-
-def _pdf(x: Tensor) -> Tensor:
-    c = _cutoff(x.dtype)
-    return torch.where(x.abs() > c, 0.0, torch.exp(-0.5 * x * x) * _INV_SQRT_2PI)
-
-
 def _flush(x: Tensor) -> Tensor:
     """Set magnitudes below 1e-25 (float32) / 1e-250 (float64) to 0 (no subnormals downstream)."""
     tiny = 1e-250 if x.dtype == torch.float64 else 1e-25
@@ -188,27 +169,35 @@ def conv(
 # ----------------------------------------------------------------------------- ReLU
 
 
+def _relu_tail(dtype: torch.dtype) -> float:
+    """``|a|`` beyond which the ReLU rule evaluates ``Phi``/``phi`` at the clamp point.
+
+    At ``a = -c`` the outputs are already below 1e-18 (float32) / 1e-146 (float64) of the
+    input scale, and ``phi(c)^2`` stays a normal float: no subnormal numbers are created,
+    which would slow every later CPU matmul 10-100x. At ``a = +c``, ``Phi`` is exactly 1.
+    """
+    return 26.0 if dtype == torch.float64 else 9.0
+
+
 def _relu_moments(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean, variance, ``Phi(a)``, ``phi(a)/s`` of ``max(0, x)``, ``x ~ N(m, v)``."""
+    """Mean, variance, ``Phi(a)`` and ``phi(a)/s`` of ``max(0, x)``, ``x ~ N(m, v)``.
+
+    With ``a = m/s`` and ``h(a) = a Phi(a) + phi(a)``: ``mean = s h(a)`` and
+    ``var = v [Phi + a (a Phi (1-Phi) + phi (1 - 2 Phi)) - phi^2]``, the textbook
+    ``(m^2+v) Phi + m s phi - mean^2`` rearranged so that nothing cancels when ``a >> 0``
+    (where the textbook form loses all digits of ``v`` against ``m^2``).
+    """
+    c = _relu_tail(m.dtype)
     v = v.clamp_min(var_floor(v.dtype))
     s = v.sqrt()
-    a = m / s
-    cdf = _cdf(a)
-    pdf = _pdf(a)
-    h = a * cdf + pdf  # E[max(0, z + a)] for z ~ N(0, 1)
-    mean = s * h
-    # Normalised variance of max(0, z + a), written without catastrophic cancellation
-    # for large positive a: Phi + a^2 Phi(1 - Phi) + a phi (1 - 2 Phi) - phi^2.
-    # For negative a use the Mills-ratio form (every term carries phi(a), so rounding
-    # errors are scaled by phi and vanish in the far tail).
-    ccdf = _cdf(-a)
-    var_pos = cdf + a * a * cdf * ccdf + a * pdf * (ccdf - cdf) - pdf * pdf
-    t = -a
-    mills = torch.special.erfcx(t / _SQRT2) * math.sqrt(math.pi / 2.0)  # Phi(-t)/phi(t)
-    one_minus_tm = 1.0 - t * mills
-    var_neg = pdf * ((1.0 + t * t) * mills - t) - (pdf * one_minus_tm) ** 2
-    var_n = _flush(torch.where(a >= 0, var_pos, var_neg).clamp_min(0.0))
-    return mean, v * var_n, cdf, pdf / s
+    a = (m / s).clamp_min(-c)
+    ac = a.clamp_max(c)
+    cdf = torch.special.ndtr(ac)
+    pdf = torch.exp(-0.5 * ac * ac) * _INV_SQRT_2PI
+    ccdf = 1.0 - cdf
+    mean = s * (a * cdf + pdf)
+    var_n = cdf + a * (a * cdf * ccdf + pdf * (ccdf - cdf)) - pdf * pdf
+    return mean, v * var_n.clamp_min(0.0), cdf, pdf / s
 
 
 class _ReLUMoments(torch.autograd.Function):
@@ -217,33 +206,42 @@ class _ReLUMoments(torch.autograd.Function):
     Backward (derived from the closed form; ``a = m/s``):
     ``dmean/dm = Phi(a)``, ``dmean/dv = phi(a)/(2s)``,
     ``dvar/dm = 2 mean (1 - Phi(a))``, ``dvar/dv = Phi(a) - mean phi(a)/s``.
-    It recomputes from the saved inputs, so it is itself differentiable (double backward).
+    Saves ``Phi``, ``phi/s`` and the mean (3 tensors); first-order only (use
+    ``relu(..., fused=False)`` for higher derivatives).
     """
 
     @staticmethod
     def forward(ctx, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        mean, var, _, _ = _relu_moments(m, v)
-        ctx.save_for_backward(m, v)
+        mean, var, cdf, pdf_s = _relu_moments(m, v)
+        ctx.save_for_backward(cdf, pdf_s, mean)
         return mean, var
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean: Tensor, g_var: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        m, v = ctx.saved_tensors
-        mean, _, cdf, pdf_over_s = _relu_moments(m, v)
-        g_m = g_mean * cdf + g_var * (2.0 * mean * (1.0 - cdf))
-        g_v = g_mean * (0.5 * pdf_over_s) + g_var * (cdf - mean * pdf_over_s)
+        cdf, pdf_s, mean = ctx.saved_tensors
+        g_m = g_mean * cdf + (2.0 * g_var) * mean * (1.0 - cdf)
+        g_v = g_mean * (0.5 * pdf_s) + g_var * (cdf - mean * pdf_s)
         return g_m, g_v
 
 
-def relu(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def relu(m: Tensor, v: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
     """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (MATH.md section 1).
 
     ``mean = m Phi(a) + s phi(a)``, ``var = (m^2 + v) Phi(a) + m s phi(a) - mean^2`` with
     ``s = sqrt(v)``, ``a = m / s``, computed in a cancellation-free form and clamped at 0.
     ``v`` is floored at :func:`var_floor` so that ``v = 0`` gives ``relu(m)`` with the
     gradient of ``relu``.
+
+    Args:
+        m, v: input mean and variance, same shape.
+        fused: use the analytic first-order backward (fast, less memory); ``False`` builds
+            the same formula from autograd ops (differentiable to any order).
     """
-    return _ReLUMoments.apply(m, v)
+    if fused:
+        return _ReLUMoments.apply(m, v)
+    mean, var, _, _ = _relu_moments(m, v)
+    return mean, var
 
 
 def relu_taylor(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -314,27 +312,79 @@ def product(mx: Tensor, vx: Tensor, my: Tensor, vy: Tensor) -> tuple[Tensor, Ten
     return mx * my, mx * mx * vy + my * my * vx + vx * vy
 
 
-def max2(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
-    """Clark (1961): exact mean and variance of ``max(x1, x2)``, independent Gaussians.
-
-    Computed relative to the larger mean so that nothing cancels when one input dominates
-    (the textbook ``E2 - mean^2`` loses all digits there).
-    """
-    swap = m2 > m1
-    ma, va = torch.where(swap, m2, m1), torch.where(swap, v2, v1)
-    mb, vb = torch.where(swap, m1, m2), torch.where(swap, v1, v2)
-    th2 = (va + vb).clamp_min(var_floor(m1.dtype))
+def _max2_forward(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+    """Clark's moments written relative to the larger mean (nothing cancels when one input
+    dominates; the textbook ``E2 - mean^2`` loses all digits there)."""
+    first = m1 >= m2
+    ma = torch.maximum(m1, m2)
+    va = torch.where(first, v1, v2)
+    th2 = (v1 + v2).clamp_min(var_floor(m1.dtype))
+    vb = th2 - va
     th = th2.sqrt()
-    d = ma - mb  # >= 0
-    a = d / th
-    cdf, ccdf, pdf = _cdf(a), _cdf(-a), _pdf(a)
-    shift = -d * ccdf + th * pdf  # E[max] - ma
+    d = (m1 - m2).abs()
+    # beyond a = c the larger input wins outright (Phi(-c) < 1e-19); clamping keeps phi^2 normal
+    a = (d / th).clamp_max(_relu_tail(m1.dtype))
+    cdf, ccdf = torch.special.ndtr(a), torch.special.ndtr(-a)
+    pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+    shift = th * pdf - d * ccdf  # E[max] - ma
     second = va * cdf + (d * d + vb) * ccdf - d * th * pdf  # E[(max - ma)^2]
     return ma + shift, (second - shift * shift).clamp_min(0.0)
 
 
+class _Max2(torch.autograd.Function):
+    """Clark's max with an analytic backward (saves the 4 inputs and the mean).
+
+    With ``th = sqrt(v1 + v2)``, ``a = (m1 - m2)/th``, ``P = Phi(a)``, ``q = phi(a)/th``:
+    ``dmu/dm1 = P``, ``dmu/dm2 = 1 - P``, ``dmu/dv1 = dmu/dv2 = q/2``;
+    ``dE2/dm1 = 2(m1 P + v1 q)``, ``dE2/dm2 = 2(m2 (1-P) + v2 q)``,
+    ``dE2/dv1 = P + q (m1 v2 + m2 v1)/th^2``, ``dE2/dv2 = 1 - P + q (m1 v2 + m2 v1)/th^2``
+    (Stein's lemma and Price's theorem on ``E[max^k]``), and ``dvar = dE2 - 2 mu dmu``.
+    """
+
+    @staticmethod
+    def forward(ctx, m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        mean, var = _max2_forward(m1, v1, m2, v2)
+        ctx.save_for_backward(m1, v1, m2, v2, mean)
+        return mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mu: Tensor, g_var: Tensor):  # type: ignore[override]
+        m1, v1, m2, v2, mu = ctx.saved_tensors
+        c = _relu_tail(m1.dtype)
+        th2 = (v1 + v2).clamp_min(var_floor(m1.dtype))
+        th = th2.sqrt()
+        a = ((m1 - m2) / th).clamp(-c, c)
+        p1 = torch.special.ndtr(a)
+        p2 = 1.0 - p1
+        q = torch.exp(-0.5 * a * a) * (_INV_SQRT_2PI / th)
+        # chain rule through var = E2 - mu^2: g_E2 = g_var, g_mu_total = g_mu - 2 mu g_var
+        gt = g_mu - 2.0 * mu * g_var
+        g2 = 2.0 * g_var
+        cross = q * (m1 * v2 + m2 * v1) / th2
+        g_m1 = gt * p1 + g2 * (m1 * p1 + v1 * q)
+        g_m2 = gt * p2 + g2 * (m2 * p2 + v2 * q)
+        half_q_gt = 0.5 * q * gt
+        g_v1 = half_q_gt + g_var * (p1 + cross)
+        g_v2 = half_q_gt + g_var * (p2 + cross)
+        return g_m1, g_v1, g_m2, g_v2
+
+
+def max2(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
+    """Clark (1961): exact mean and variance of ``max(x1, x2)``, independent Gaussians.
+
+    ``th = sqrt(v1+v2)``, ``a = (m1-m2)/th``: ``mean = m1 Phi(a) + m2 Phi(-a) + th phi(a)``,
+    ``E2 = (m1^2+v1) Phi(a) + (m2^2+v2) Phi(-a) + (m1+m2) th phi(a)``, evaluated relative to
+    the larger mean. ``fused=True`` uses the analytic backward of :class:`_Max2`;
+    ``False`` builds the graph from autograd ops (any order of derivatives).
+    """
+    if fused:
+        return _Max2.apply(m1, v1, m2, v2)
+    return _max2_forward(m1, v1, m2, v2)
+
+
 def _windows(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
-    """``(B, C, H, W) -> (B, C, k, L)`` sliding windows."""
+    """``(B, C, H, W) -> (B, C, k, L)`` sliding windows (a copy, via ``unfold``)."""
     b, c = x.shape[:2]
     cols = F.unfold(x, kernel, padding=padding, stride=stride)  # (B, C*k, L)
     return cols.reshape(b, c, kernel[0] * kernel[1], -1)
@@ -360,15 +410,23 @@ def max_pool2d_clark(
     """
     h, w = m.shape[-2:]
     oh, ow = _out_hw(h, w, kernel, stride, padding)
-    mw = _windows(m, kernel, stride, padding)
-    vw = _windows(v, kernel, stride, padding)
-    valid = None
-    if padding != (0, 0):
-        ones = torch.ones(1, 1, h, w, dtype=m.dtype, device=m.device)
-        valid = _windows(ones, kernel, stride, padding) > 0.5  # (1, 1, k, L)
-    items = [
-        (mw[:, :, i], vw[:, :, i], None if valid is None else valid[:, :, i]) for i in range(mw.shape[2])
-    ]
+    if stride == kernel and padding == (0, 0) and h % kernel[0] == 0 and w % kernel[1] == 0:
+        # non-overlapping windows tiling the map: each window position is a strided view
+        items = [
+            (m[..., i :: kernel[0], j :: kernel[1]], v[..., i :: kernel[0], j :: kernel[1]], None)
+            for i in range(kernel[0])
+            for j in range(kernel[1])
+        ]
+    else:
+        mw = _windows(m, kernel, stride, padding)
+        vw = _windows(v, kernel, stride, padding)
+        valid = None
+        if padding != (0, 0):
+            ones = torch.ones(1, 1, h, w, dtype=m.dtype, device=m.device)
+            valid = _windows(ones, kernel, stride, padding) > 0.5  # (1, 1, k, L)
+        items = [
+            (mw[:, :, i], vw[:, :, i], None if valid is None else valid[:, :, i]) for i in range(mw.shape[2])
+        ]
     while len(items) > 1:
         nxt = []
         for j in range(0, len(items) - 1, 2):

@@ -22,6 +22,7 @@ from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 from dualflow.nn.structure import (
     Add,
+    AddNoise,
     Concat,
     Flatten,
     Identity,
@@ -38,6 +39,7 @@ __all__ = [
     "GELU",
     "Activation",
     "Add",
+    "AddNoise",
     "AvgPool2d",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -116,3 +116,24 @@ class Product(Module):
         ga = a if isinstance(a, Gaussian) else Gaussian.deterministic(a)
         gb = b if isinstance(b, Gaussian) else Gaussian.deterministic(b)
         return Gaussian(*rules.product(ga.mean, ga.var, gb.mean, gb.var))
+
+
+class AddNoise(Module):
+    """Additive independent Gaussian noise ``x + e``, ``e ~ N(0, noise_var)``: ``(m, v + noise_var)``.
+
+    Exact. With point-weight ``Linear`` layers it builds the Gaussian-linear networks of
+    the paper's Eq. 3 (``x_l = W x_{l-1} + omega_l``).
+    """
+
+    def __init__(self, noise_var: float | Tensor) -> None:
+        super().__init__()
+        # float64 so that converting the model to float64 loses nothing
+        nv = torch.as_tensor(noise_var, dtype=torch.float64)
+        if not bool((nv > 0).all()) or not bool(torch.isfinite(nv).all()):
+            raise ValueError(f"AddNoise: noise_var must be positive and finite, got {noise_var}")
+        self.register_buffer("noise_var", nv)
+
+    def forward(self, x: Input) -> Input:
+        m, v = split_input(x)
+        nv = self.noise_var.to(m.dtype)
+        return Gaussian(m, nv.expand_as(m) if v is None else v + nv)
