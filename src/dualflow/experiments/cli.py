@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "quickstart",
         "train a small BNN by BP on a built-in real data set (no download)",
     ),
+    "duality": ("duality", "check smoothing-by-backprop identities (Kalman, HMM, networks)"),
 }
 
 
