@@ -380,3 +380,27 @@ def test_clark_max2_fused_backward_equals_autograd():
         torch.testing.assert_close(a, b)
     small = [t[:6].detach().clone().requires_grad_(True) for t in (m1, v1, m2, v2)]
     assert torch.autograd.gradcheck(lambda *x: df.rules.max2(*x), small)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager():
+    """``dualflow.rules.enable_compile`` (torch.compile of the fused kernels) changes speed only."""
+    x = _g(4, 3, 8, 8, var_scale=2.0)
+    m = x.mean.float().requires_grad_(True)
+    v = x.var.float().requires_grad_(True)
+
+    def run():
+        a, b = df.rules.max_pool2d_clark(*df.rules.relu(m, v), (2, 2), (2, 2))
+        (a.sum() + (b * a).sum()).backward()
+        out = (a.detach(), b.detach(), m.grad.clone(), v.grad.clone())
+        m.grad, v.grad = None, None
+        return out
+
+    eager = run()
+    df.rules.enable_compile(True)
+    try:
+        compiled = run()
+    finally:
+        df.rules.enable_compile(False)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

