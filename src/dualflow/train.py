@@ -139,7 +139,7 @@ def _batches(
         def it() -> Iterator[tuple[Any, Tensor]]:
             for b in range(nb):
                 idx = perm[b * batch_size : (b + 1) * batch_size]
-                xb = x.index(idx) if isinstance(x, Gaussian) else x[idx]
+                xb = x.at(idx) if isinstance(x, Gaussian) else x[idx]
                 yield xb.to(device), y[idx].to(device)
 
         return nb, it()
