@@ -101,7 +101,8 @@ def main() -> int:
     acc, cst = accuracy(), cost()
     cmd = "python " + " ".join(sys.argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "maxpool.json").write_text(json.dumps({"command": cmd, "accuracy": acc, "cost": cst}, indent=2))
+    report = {"command": cmd, "accuracy": acc, "cost": cst}
+    (RESULTS / "maxpool.json").write_text(json.dumps(report, indent=2))
     md = [
         f"Command: `{cmd}` (1 thread). 2x2 windows, 64 random windows per regime, MC 400k samples.",
         "",

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dualflow as df  # noqa: E402
-from bench_step import cnn, mlp  # noqa: E402
-from dualflow import models  # noqa: E402
+import dualflow as df
+from bench_step import cnn, mlp
+from dualflow import models
 
 
 def timed_steps(nets: dict, x, y, steps: int, warmup: int, dev) -> dict:
@@ -101,14 +101,17 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = [f"Command: `{meta['command']}` on {meta['device']} (torch {meta['torch']}).", "",
-          "| case | configuration | ms/step | images/s | peak MB | time ratio |", "|---|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        f"Command: `{meta['command']}` on {meta['device']} (torch {meta['torch']}).",
+        "",
+        "| case | configuration | ms/step | images/s | peak MB | time ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         for i, (k, v) in enumerate(r["results"].items()):
             ratio = f"{r['time_ratio']:.2f}x" if i == 0 else ""
-            md.append(
-                f"| {r['case']} | {k} | {v['ms']:.2f} | {r['images_per_s'][k]:.0f} | {v['peak_mb']:.0f} | {ratio} |"
-            )
+            ips = r["images_per_s"][k]
+            md.append(f"| {r['case']} | {k} | {v['ms']:.2f} | {ips:.0f} | {v['peak_mb']:.0f} | {ratio} |")
     (out / "gpu_check.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
