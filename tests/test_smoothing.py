@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dualflow as df
 from dualflow import nn as dnn
 from dualflow.nn.structure import AddNoise
 from dualflow.smoothing import importance_smoothing, smooth
@@ -54,14 +53,15 @@ def test_bnn_smoothing_vs_importance_sampling():
     x = torch.randn(4, 3, dtype=D)
     y = torch.randn(4, 1, dtype=D) * 2
     bp = smooth(net, x, y, noise_var=0.2)
-    mc = importance_smoothing(net, x, y, noise_var=0.2, samples=4000, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    mc = importance_smoothing(net, x, y, noise_var=0.2, samples=4000, generator=gen)
     for a, b in zip(bp, mc):
         # filtering: moment propagation vs MC marginal
         sd = b.filtered.var.sqrt() + 1e-9
         err_f = ((a.filtered.mean - b.filtered.mean).abs() / sd).mean()
         err_s = ((a.smoothed.mean - b.smoothed.mean).abs() / sd).mean()
         prior_gap = ((a.filtered.mean - b.smoothed.mean).abs() / sd).mean()
-        print(f"layer {a.name}: filter err {err_f:.3f} sd, smooth err {err_s:.3f} sd, prior gap {prior_gap:.3f} sd")
+        print(f"layer {a.name}: filter err {err_f:.3f}, smooth err {err_s:.3f}, prior gap {prior_gap:.3f} sd")
         assert float(err_f) < 0.1
         assert float(err_s) < float(prior_gap)
 
