@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "quickstart",
         "train a small BNN by BP on a built-in real data set (no download)",
     ),
+    "uci": ("uci", "UCI regression benchmark (Table 2): test RMSE and log-likelihood over the splits"),
+    "report": ("report", "tables and plots from result records: `dualflow report uci`"),
     "duality": ("duality", "check smoothing-by-backprop identities (Kalman, HMM, networks)"),
 }
 
