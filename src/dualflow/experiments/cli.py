@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "uci": ("uci", "UCI regression benchmark (Table 2): test RMSE and log-likelihood over the splits"),
     "report": ("report", "tables and plots from result records: `dualflow report uci`"),
     "duality": ("duality", "check smoothing-by-backprop identities (Kalman, HMM, networks)"),
+    "gradvar": ("gradvar", "gradient variance vs batch size: BP vs reparam/local/flipout (Figure 1 a/c)"),
+    "convergence": ("convergence", "train/validation loss per epoch of BP vs sampling methods (Figure 1 b/d)"),
 }
 
 
