@@ -138,3 +138,30 @@ def test_bad_training_input():
             (x, y),
             TrainConfig(epochs=1, progress=False),
         )
+
+
+class _NoisyDataset(torch.utils.data.Dataset):
+    """A dataset with a random transform (draws from the global RNG on every fetch)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+def test_resume_mid_epoch_with_random_transform_in_dataset(tmp_path):
+    x, y = _data()
+    cfg = dict(batch_size=10, lr=5e-3, progress=False, seed=2, epochs=2)
+    m1, l1 = _model(), df.losses.GaussianLikelihood(1.0)
+    fit(m1, l1, _NoisyDataset(x, y), TrainConfig(**cfg))
+    ck = str(tmp_path / "ck.pt")
+    m2, l2 = _model(), df.losses.GaussianLikelihood(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(m2, l2, _NoisyDataset(x, y), TrainConfig(checkpoint=ck, **cfg), step_fn=_interrupt_after(14, l2))
+    m3, l3 = _model(seed=7), df.losses.GaussianLikelihood(1.0)
+    fit(m3, l3, _NoisyDataset(x, y), TrainConfig(checkpoint=ck, **cfg))
+    torch.testing.assert_close(_flat(m3, l3), _flat(m1, l1), rtol=0, atol=0)

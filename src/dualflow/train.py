@@ -126,7 +126,7 @@ def _save_atomic(obj: Any, path: str) -> None:
 
 
 def _batches(
-    data: Any, batch_size: int, seed: int, epoch: int, drop_last: bool, device: torch.device
+    data: Any, batch_size: int, seed: int, epoch: int, drop_last: bool, device: torch.device, skip: int = 0
 ) -> tuple[int, Iterator[tuple[Any, Tensor]]]:
     """``(number of batches, iterator)`` for epoch ``epoch`` in a fixed order given ``(seed, epoch)``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -137,17 +137,20 @@ def _batches(
         nb = n // batch_size if drop_last else math.ceil(n / batch_size)
 
         def it() -> Iterator[tuple[Any, Tensor]]:
-            for b in range(nb):
+            for b in range(skip, nb):
                 idx = perm[b * batch_size : (b + 1) * batch_size]
                 xb = x.at(idx) if isinstance(x, Gaussian) else x[idx]
                 yield xb.to(device), y[idx].to(device)
 
         return nb, it()
     if isinstance(data, torch.utils.data.Dataset):
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=True, generator=g, drop_last=drop_last
-        )
-        return len(loader), ((xb.to(device), yb.to(device)) for xb, yb in loader)
+        # the same order as DataLoader(shuffle=True, generator=g); batches done before an
+        # interruption are never fetched, so a random transform cannot consume the RNG
+        sampler = torch.utils.data.RandomSampler(data, generator=g)
+        idx = list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last))
+        # its own generator: the loader's base seed must not draw from the global RNG
+        loader = torch.utils.data.DataLoader(data, batch_sampler=idx[skip:], generator=g)
+        return len(idx), ((xb.to(device), yb.to(device)) for xb, yb in loader)
     raise TypeError("train data must be a (inputs, targets) tuple of tensors or a torch Dataset")
 
 
@@ -304,11 +307,11 @@ def fit(
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             done = start_step
-            nb, batches = _batches(train_data, cfg.batch_size, cfg.seed, epoch, cfg.drop_last, dev)
+            nb, batches = _batches(
+                train_data, cfg.batch_size, cfg.seed, epoch, cfg.drop_last, dev, start_step
+            )
             t0 = time.perf_counter()
-            for step, (xb, yb) in enumerate(batches):
-                if step < start_step:
-                    continue  # done before the interruption
+            for step, (xb, yb) in enumerate(batches, start=start_step):
                 opt.zero_grad(set_to_none=True)
                 nll = step_fn(model, xb, yb) if step_fn is not None else loss_fn(model(xb), yb)
                 kl = model_kl(model)

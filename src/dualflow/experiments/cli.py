@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "tables and plots from result records: `dualflow report uci`"),
     "duality": ("duality", "check smoothing-by-backprop identities (Kalman, HMM, networks)"),
     "gradvar": ("gradvar", "gradient variance vs batch size: BP vs reparam/local/flipout (Figure 1 a/c)"),
-    "convergence": ("convergence", "train/validation loss per epoch of BP vs sampling methods (Figure 1 b/d)"),
+    "convergence": ("convergence", "train/validation loss per epoch: BP vs sampling methods (Figure 1 b/d)"),
+    "classify": ("classify", "image classification (Table 1): error/NLL/ECE/Brier, resume, AMP, DDP"),
 }
 
 

@@ -44,6 +44,8 @@ class _BatchNorm(Module):
 
     def forward(self, x: Input) -> Input:
         m, v = split_input(x)
+        if m.dtype in (torch.float16, torch.bfloat16):  # autocast: statistics and output in float32
+            m, v = m.float(), (None if v is None else v.float())
         if m.dim() != self._ndim or m.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}: expected {self._ndim}-d input with {self.num_features} channels, "

@@ -9,6 +9,7 @@ anchors, and a plot.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -354,6 +355,7 @@ REPORTS: dict[str, Report] = {
         add_arguments=_uci_arguments,
         run=_uci_run,
     ),
+    "classify": Report(*importlib.import_module("dualflow.experiments.commands.classify").REPORT),
 }
 
 
