@@ -28,35 +28,19 @@ from pathlib import Path
 import torch
 
 import dualflow as df
-from dualflow import nn as dnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_methods import cnn_builder, mlp_builder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def mlp(bayes: bool) -> torch.nn.Module:
-    return dnn.Sequential(
-        dnn.Flatten(),
-        dnn.Linear(784, 400, bayes=bayes),
-        dnn.ReLU(),
-        dnn.Linear(400, 400, bayes=bayes),
-        dnn.ReLU(),
-        dnn.Linear(400, 10, bayes=bayes),
-    )
+    return mlp_builder(bayes)
 
 
 def cnn(bayes: bool) -> torch.nn.Module:
-    return dnn.Sequential(
-        dnn.Conv2d(3, 32, 3, padding=1, bayes=bayes),
-        dnn.ReLU(),
-        dnn.MaxPool2d(2),
-        dnn.Conv2d(32, 64, 3, padding=1, bayes=bayes),
-        dnn.ReLU(),
-        dnn.MaxPool2d(2),
-        dnn.Conv2d(64, 64, 3, padding=1, bayes=bayes),
-        dnn.ReLU(),
-        dnn.GlobalAvgPool2d(),
-        dnn.Linear(64, 10, bayes=bayes),
-    )
+    return cnn_builder(bayes)
 
 
 CASES = {

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from typing import Any
 
 # name -> (module under dualflow.experiments.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,6 +26,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convergence": ("convergence", "train/validation loss per epoch: BP vs sampling methods (Figure 1 b/d)"),
     "classify": ("classify", "image classification (Table 1): error/NLL/ECE/Brier, resume, AMP, DDP"),
 }
+
+
+def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
+    """``["k=v", ...] -> {k: v}`` for options such as ``--set`` / ``--arch-opt``; values are
+    parsed as JSON where they are JSON (numbers, lists, booleans), else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,10 +17,10 @@ objective, mixed precision and distributed training.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-from typing import Any
+
+from dualflow.experiments.cli import parse_key_values
 
 HELP = "image classification (Table 1): train, evaluate error/NLL/ECE/Brier, checkpoints, DDP"
 
@@ -113,19 +113,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 
-def _parse_opts(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--arch-opt expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def _command(args: argparse.Namespace) -> str:
     """The command line reproducing this run: the required options and every changed default."""
     ref = argparse.ArgumentParser()
@@ -183,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "samples": args.samples,
         "train_samples": args.train_samples,
         "ng_lr": args.ng_lr,
-        "arch_options": _parse_opts(args.arch_opt),
+        "arch_options": parse_key_values(args.arch_opt, "--arch-opt"),
         "checkpoint_every": args.checkpoint_every,
         "eval_batch_size": args.eval_batch_size,
         "threads": args.threads,

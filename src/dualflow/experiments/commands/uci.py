@@ -14,10 +14,10 @@ method) goes to ``--out`` as soon as it is computed; ``--resume`` skips those al
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import time
-from typing import Any
+
+from dualflow.experiments.cli import parse_key_values
 
 HELP = "UCI regression benchmark (Table 2): RMSE and test log-likelihood over the standard splits"
 
@@ -66,19 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the data set(s) into the cache and exit")
     p.add_argument("--list", action="store_true", help="list the methods and their hyperparameter grids")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -130,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--splits must be >= 1, got {args.splits}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    overrides = _parse_set(args.set)
+    overrides = parse_key_values(args.set, "--set")
     if args.steps is not None:
         overrides["steps"] = args.steps
     options = uci.RunOptions(
