@@ -31,12 +31,15 @@ from torch import Tensor
 
 __all__ = [
     "avg_pool2d",
+    "clip",
     "conv",
     "elementwise_gh",
     "elementwise_taylor",
     "enable_compile",
+    "exp",
     "global_avg_pool",
     "layer_norm",
+    "leaky_relu",
     "linear",
     "max2",
     "max_pool2d_clark",
@@ -44,6 +47,7 @@ __all__ = [
     "product",
     "relu",
     "relu_taylor",
+    "square",
     "var_floor",
 ]
 
@@ -583,3 +587,81 @@ def layer_norm(
     if bias is not None:
         mean = mean + bias
     return mean, var
+
+
+# ----------------------------------------------------------------------------- more closed forms
+# Element-wise functions whose moments have a closed form; the op table (dualflow.ops) uses
+# them in place of quadrature, which converges slowly on kinks.
+
+
+def clip(m: Tensor, v: Tensor, lo: float | None, hi: float | None) -> tuple[Tensor, Tensor]:
+    """Exact mean and variance of ``clamp(x, lo, hi)``, ``x ~ N(m, v)`` (a censored Gaussian).
+
+    ReLU6, hardtanh, hardsigmoid and ``torch.clamp`` are this rule (``None``: no bound).
+    With ``s = sqrt(v)``, ``alpha = (lo - m)/s``, ``beta = (hi - m)/s`` and the moments
+    taken about ``c = clamp(m, lo, hi)`` (so that nothing cancels when ``v`` is tiny):
+    ``E[y - c] = (lo - c) Phi(alpha) + (hi - c) Phi(-beta) + d P + s (phi(alpha) - phi(beta))``,
+    ``E[(y - c)^2] = (lo - c)^2 Phi(alpha) + (hi - c)^2 Phi(-beta) + (d^2 + v) P
+    + 2 d s (phi(alpha) - phi(beta)) + v (alpha phi(alpha) - beta phi(beta))`` with ``d = m - c``
+    and ``P = Phi(beta) - Phi(alpha)``; the variance is their difference, clamped at 0.
+
+    Args:
+        m, v: input mean and variance, same shape.
+        lo, hi: the bounds (``lo < hi``), or ``None`` for an open side.
+    """
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"clip: need lo < hi, got lo={lo}, hi={hi}")
+    if lo is None and hi is None:
+        return m, v
+    t = _relu_tail(m.dtype)
+    v = v.clamp_min(var_floor(v.dtype))
+    s = v.sqrt()
+    c = m.clamp(lo, hi)
+    d = m - c
+    zero = torch.zeros_like(m)
+    p_mid = torch.ones_like(m)
+    e1 = d.clone()  # E[y - c], filled in below
+    dens = zero  # phi(alpha) - phi(beta)
+    edge = zero  # alpha phi(alpha) - beta phi(beta)
+    e2 = zero  # the contribution of the clipped tails to E[(y - c)^2]
+    for bound, sign in ((lo, 1.0), (hi, -1.0)):
+        if bound is None:
+            continue
+        a = ((bound - m) / s).clamp(-t, t)
+        tail = torch.special.ndtr(sign * a)  # P(x < lo) for lo, P(x > hi) for hi
+        pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+        p_mid = p_mid - tail
+        dens = dens + sign * pdf
+        edge = edge + sign * a * pdf
+        gap = bound - c
+        e1 = e1 + gap * tail
+        e2 = e2 + gap * gap * tail
+    e1 = e1 - d + d * p_mid + s * dens
+    e2 = e2 + (d * d + v) * p_mid + 2.0 * d * s * dens + v * edge
+    return c + e1, (e2 - e1 * e1).clamp_min(0.0)
+
+
+def leaky_relu(m: Tensor, v: Tensor, negative_slope: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Exact moments of ``leaky_relu(x) = a x + (1 - a) relu(x)``, ``x ~ N(m, v)``, ``a`` the slope.
+
+    ``mean = a m + (1 - a) E r``, ``var = a^2 v + (1 - a)^2 Var r + 2 a (1 - a) v Phi(m / s)``
+    with ``r = relu(x)`` (:func:`relu`) and ``Cov(x, r) = v Phi(m/s)`` (Stein's lemma).
+    """
+    a = float(negative_slope)
+    rm, rv = relu(m, v, fused=False)
+    t = _relu_tail(m.dtype)
+    vf = v.clamp_min(var_floor(v.dtype))
+    cdf = torch.special.ndtr((m / vf.sqrt()).clamp(-t, t))
+    var = a * a * vf + (1.0 - a) ** 2 * rv + 2.0 * a * (1.0 - a) * vf * cdf
+    return a * m + (1.0 - a) * rm, var.clamp_min(0.0)
+
+
+def exp(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Moments of ``exp(x)``, ``x ~ N(m, v)`` (log-normal, exact): ``(e^{m + v/2}, (e^v - 1) e^{2m + v})``."""
+    mean = torch.exp(m + 0.5 * v)
+    return mean, torch.expm1(v) * mean * mean
+
+
+def square(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Moments of ``x^2``, ``x ~ N(m, v)`` (exact): ``(m^2 + v, 2 v^2 + 4 m^2 v)``."""
+    return m * m + v, 2.0 * v * v + 4.0 * m * m * v

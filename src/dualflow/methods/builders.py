@@ -35,11 +35,11 @@ def mlp_builder(
 ) -> Builder:
     """Builder of a multilayer perceptron ``d_in -> hidden... -> d_out``.
 
-    Hidden layers use He-scaled initialisation (gain ``sqrt 2``) and ``activation``
-    (``"relu"``: :class:`~dualflow.nn.ReLU` with closed-form moments; any other name of
-    :data:`dualflow.nn.ACTIVATIONS`: Gauss-Hermite moments); the output layer is linear with
-    gain 1. With ``dropout > 0`` a :class:`~dualflow.nn.Dropout` follows every hidden
-    activation (Gal & Ghahramani 2016).
+    Hidden layers use He-scaled initialisation (gain ``sqrt 2``) and ``activation`` (any
+    element-wise op of :data:`dualflow.ops.OPS`: closed-form moments where the op has them,
+    as ``"relu"``, else Gauss-Hermite); the output layer is linear with gain 1. With
+    ``dropout > 0`` a :class:`~dualflow.nn.Dropout` follows every hidden activation (Gal &
+    Ghahramani 2016).
 
     Args:
         d_in, d_out: input and output sizes.
@@ -51,14 +51,14 @@ def mlp_builder(
         ``build(bayes, dropout=0.0) -> dualflow.nn.Sequential``.
     """
     sizes = [int(d_in), *([hidden] if isinstance(hidden, int) else list(hidden))]
-    if activation != "relu" and activation not in dnn.ACTIVATIONS:
+    if activation not in dnn.ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(dnn.ACTIVATIONS)}")
 
     def build(bayes: bool, dropout: float = 0.0) -> dnn.Sequential:
         mods: list[torch.nn.Module] = []
         for a, b in itertools.pairwise(sizes):
             mods.append(dnn.Linear(a, b, bayes=bayes, prior_var=prior_var, init_var_ratio=init_var_ratio))
-            mods.append(dnn.ReLU() if activation == "relu" else dnn.Activation(activation))
+            mods.append(dnn.Activation(activation))
             if dropout > 0:
                 mods.append(dnn.Dropout(dropout))
         mods.append(

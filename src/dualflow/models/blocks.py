@@ -9,14 +9,14 @@ zero padding, an average) except where its docstring says otherwise.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dualflow import nn as dnn
-from dualflow import rules
+from dualflow import ops, rules
 from dualflow.nn.base import Input, Module, pack, split_input
 
 __all__ = [
@@ -32,16 +32,28 @@ __all__ = [
     "finish_skip_gains",
 ]
 
-#: Initialisation gains ``1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)``: with them the weight
-#: second-moment rule of :class:`dualflow.nn.BayesLayer` keeps ``E[x^2]`` of the
-#: pre-activations constant from layer to layer at initialisation (He et al. 2015 for ReLU;
-#: the same computation for SiLU and GELU, evaluated by 200-node Gauss-Hermite quadrature).
-ACT_GAINS: dict[str, float] = {
-    "relu": math.sqrt(2.0),
-    "silu": 1.6765324703310907,
-    "gelu": 1.5335304411955348,
-    "linear": 1.0,
-}
+
+class _Gains(Mapping[str, float]):
+    """Read-only view ``activation name -> gain`` of the op table (:func:`dualflow.ops.gain`)."""
+
+    def __getitem__(self, name: str) -> float:
+        try:
+            return ops.gain(name)
+        except ops.UnsupportedOpError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ops.activation_names())
+
+    def __len__(self) -> int:
+        return len(ops.activation_names())
+
+
+#: Initialisation gains ``1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)``, of every activation of the op
+#: table (``"linear"``: 1): with them the weight second-moment rule of
+#: :class:`dualflow.nn.BayesLayer` keeps ``E[x^2]`` of the pre-activations constant from layer
+#: to layer at initialisation (He et al. 2015 for ReLU, the same computation for the others).
+ACT_GAINS: Mapping[str, float] = _Gains()
 
 
 class Scale(Module):
@@ -249,13 +261,12 @@ class LayerFactory:
         return dnn.BatchNorm1d(c) if self.normalized else dnn.Identity()
 
     def act(self, name: str = "relu") -> torch.nn.Module:
-        if name == "relu":
-            return dnn.ReLU()
-        if name == "silu":
-            return dnn.SiLU(method=self.act_method)
-        if name == "gelu":
-            return dnn.GELU(method=self.act_method)
-        raise ValueError(f"unknown activation {name!r}")
+        """The activation ``name`` of the op table: its closed-form moments where it has them,
+        else the factory's ``act_method`` (Gauss-Hermite or Taylor)."""
+        op = ops.find(name)
+        if op is None or not op.elementwise:
+            raise ValueError(f"unknown activation {name!r}; known: {ops.activation_names()}")
+        return dnn.Activation(op.name, method="closed" if op.closed is not None else self.act_method)
 
     def dropout(self, p: float | None = None) -> torch.nn.Module:
         """``dualflow.nn.Dropout(p)`` where the rate is > 0, else ``Identity``.

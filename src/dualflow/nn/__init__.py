@@ -16,8 +16,9 @@ from dualflow.nn.activations import (
     Tanh,
 )
 from dualflow.nn.base import BayesLayer, Module, kl, kl_normal, set_checks
-from dualflow.nn.convert import CONVERTERS, from_torch
+from dualflow.nn.convert import from_torch
 from dualflow.nn.dropout import Dropout
+from dualflow.nn.functional import Functional
 from dualflow.nn.layers import Conv1d, Conv2d, Linear
 from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
@@ -35,7 +36,6 @@ from dualflow.nn.structure import (
 
 __all__ = [
     "ACTIVATIONS",
-    "CONVERTERS",
     "ELU",
     "GELU",
     "Activation",
@@ -50,6 +50,7 @@ __all__ = [
     "Conv2d",
     "Dropout",
     "Flatten",
+    "Functional",
     "GlobalAvgPool2d",
     "Identity",
     "LayerNorm",
