@@ -263,9 +263,10 @@ class LayerFactory:
     def act(self, name: str = "relu") -> torch.nn.Module:
         """The activation ``name`` of the op table: its closed-form moments where it has them,
         else the factory's ``act_method`` (Gauss-Hermite or Taylor)."""
-        op = ops.find(name)
-        if op is None or not op.elementwise:
-            raise ValueError(f"unknown activation {name!r}; known: {ops.activation_names()}")
+        try:
+            op = ops.activation(name)
+        except ops.UnsupportedOpError as e:
+            raise ValueError(str(e)) from None
         return dnn.Activation(op.name, method="closed" if op.closed is not None else self.act_method)
 
     def dropout(self, p: float | None = None) -> torch.nn.Module:

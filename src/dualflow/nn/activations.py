@@ -28,10 +28,10 @@ class _Names(Mapping[str, Callable[[Tensor], Tensor]]):
     """Read-only view ``name -> point function`` of the element-wise ops of :data:`dualflow.ops.OPS`."""
 
     def __getitem__(self, name: str) -> Callable[[Tensor], Tensor]:
-        op = ops.find(name)
-        if op is None or not op.elementwise:
-            raise KeyError(name)
-        return op.fn
+        try:
+            return ops.activation(name).fn
+        except ops.UnsupportedOpError:
+            raise KeyError(name) from None
 
     def __iter__(self):
         return iter(ops.activation_names())
@@ -67,9 +67,10 @@ class Activation(Module):
     ) -> None:
         super().__init__()
         if isinstance(fn, str):
-            op = ops.find(fn)
-            if op is None or not op.elementwise:
-                raise ValueError(f"unknown activation {fn!r}; known: {ops.activation_names()}")
+            try:
+                op = ops.activation(fn)
+            except ops.UnsupportedOpError as e:
+                raise ValueError(str(e)) from None
             self.op: ops.Op | None = op
             self.name, self.fn = op.name, op.fn
             self.params = op.resolve(**params)

@@ -86,7 +86,12 @@ class BatchNorm2d(_BatchNorm):
 
 
 class LayerNorm(Module):
-    """LayerNorm with the statistics of the means: ``v' = v g^2 / var(m)`` (an approximation)."""
+    """LayerNorm with the statistics of the means: ``v' = v g^2 / var(m)`` (an approximation).
+
+    ``method="linearized"``: the first-order variance of the whole map, statistics included
+    (:func:`dualflow.rules.layer_norm_linearized`; far more accurate for entries far from the
+    mean, the converter's choice); ``"mean"`` (default): :func:`dualflow.rules.layer_norm`.
+    """
 
     def __init__(
         self,
@@ -95,8 +100,12 @@ class LayerNorm(Module):
         elementwise_affine: bool = True,
         device: Any = None,
         dtype: Any = None,
+        method: str = "mean",
     ) -> None:
         super().__init__()
+        if method not in ("mean", "linearized"):
+            raise ValueError(f"LayerNorm: method must be 'mean' or 'linearized', got {method!r}")
+        self.method = method
         kw = {"device": device, "dtype": dtype}
         self.normalized_shape = (
             (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
@@ -115,5 +124,6 @@ class LayerNorm(Module):
             raise ValueError(
                 f"LayerNorm: expected trailing shape {self.normalized_shape}, got {tuple(m.shape)}"
             )
-        mean, var = rules.layer_norm(m, v, self.normalized_shape, self.weight, self.bias, self.eps)
+        rule = rules.layer_norm if self.method == "mean" else rules.layer_norm_linearized
+        mean, var = rule(m, v, self.normalized_shape, self.weight, self.bias, self.eps)
         return pack(mean, var)
