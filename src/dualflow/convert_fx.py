@@ -240,7 +240,7 @@ def _trace_error_where(err: BaseException) -> str:
     if not frames:
         return "source line unknown"
     f = frames[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
 
 
 def _describe(node: fx.Node, root: nn.Module) -> str:
