@@ -180,6 +180,10 @@ def test_elementwise_properties(name):
     fz = op.fn(z, **params)
     non_decreasing = bool((fz[1:] - fz[:-1] >= -1e-12).all())
     assert op.is_monotone(params) == non_decreasing
+    if op.deriv is not None:  # the Taylor rule's derivative is f' (off the kinks)
+        zg = (z[::7] + 1e-4).requires_grad_()
+        (ref,) = torch.autograd.grad(op.fn(zg, **params).sum(), zg)
+        torch.testing.assert_close(op.deriv(zg.detach(), **params), ref)
     # gain: 1 / sqrt(E f(z)^2), against adaptive quadrature (scipy)
     from scipy.integrate import quad
 

@@ -72,7 +72,7 @@ def test_diag_ggn_matches_naive_jacobians(task):
 def test_marginal_likelihood_is_maximised_and_matches_laplace_torch():
     laplace_lib = pytest.importorskip("laplace")
     net, x, y = regression_problem()
-    res = posthoc.laplace(net, (x, y))
+    res = posthoc.laplace(net, (x, y), noise_var="marglik")
     assert res.noise_var > 0 and res.prior_precision > 0
     # stationary in both hyperparameters: small moves lower the marginal likelihood
     for dd, ds in [(1.05, 1.0), (0.95, 1.0), (1.0, 1.05), (1.0, 0.95)]:
@@ -80,6 +80,9 @@ def test_marginal_likelihood_is_maximised_and_matches_laplace_torch():
             net, (x, y), prior_precision=res.prior_precision * dd, noise_var=res.noise_var * ds
         )
         assert r.log_marglik < res.log_marglik
+    # the default noise is the residuals' maximum-likelihood value; only delta is fitted then
+    default = posthoc.laplace(net, (x, y))
+    assert default.noise_var == pytest.approx(float(((net(x) - y) ** 2).mean()))
     # the same objective as laplace-torch's diagonal Laplace (same GGN, same formula)
     la = laplace_lib.Laplace(net.float(), "regression", subset_of_weights="all", hessian_structure="diag")
     la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.float(), y.float()), batch_size=64))
@@ -94,7 +97,8 @@ def test_predictive_variance_is_the_linearised_variance_for_small_weight_noise()
     """Small posterior variances: the propagated output variance equals sum_i J_i^2 s_i^2
     (the diagonal GLM predictive) to first order, and the mean tends to f(x; theta*)."""
     net, x, y = regression_problem()
-    res = posthoc.laplace(net, (x, y), prior_precision=1e3, noise_var=1e-2)
+    res = posthoc.laplace(net, (x, y), prior_precision=1e3, noise_var=1e-2, predictive="moments")
+    lin = posthoc.laplace(net, (x, y), prior_precision=1e3, noise_var=1e-2)
     xt = torch.randn(7, 3, dtype=D)
     pred = res.predict(xt)
     names = [n for n, _ in net.named_parameters()]
@@ -114,6 +118,11 @@ def test_predictive_variance_is_the_linearised_variance_for_small_weight_noise()
     # the mean moves at second order in the weight noise (curvature of tanh): within 0.1 sd
     shift = (pred.mean[:, 0] - net(xt).detach()[:, 0]).abs() / glm.sqrt()
     assert float(shift.max()) < 0.1, shift
+    # the linearised propagation (Eq. 3): the network's mean, the GLM variance (one hidden layer:
+    # up to the product of two variances)
+    p_lin = lin.predict(xt)
+    torch.testing.assert_close(p_lin.mean, net(xt).detach())
+    torch.testing.assert_close(p_lin.var[:, 0] - lin.noise_var, glm, rtol=5e-3, atol=0)
 
 
 def test_result_predicts_and_is_a_converted_model():

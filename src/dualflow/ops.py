@@ -123,6 +123,7 @@ class Op:
         fn: the point function ``fn(x, **params)`` (element-wise ops); its signature after
             ``x`` names the parameters and their defaults.
         closed: closed-form moments ``closed(m, v, **params) -> (mean, var)`` (element-wise ops).
+        deriv: ``f'(x, **params)`` for the Taylor rule (element-wise ops; else autograd).
         impl: the rule on values (non-element-wise ops), with the functional form's signature.
         params: ``params(module) -> dict``: the keyword arguments of the functional form that a
             module instance of ``modules`` stands for.
@@ -150,6 +151,7 @@ class Op:
     methods: tuple[str, ...] = ()
     fn: Callable[..., Tensor] | None = None
     closed: Callable[..., tuple[Tensor, Tensor]] | None = None
+    deriv: Callable[..., Tensor] | None = None
     impl: Callable[..., Any] | None = None
     params: Callable[[nn.Module], dict[str, Any]] | None = None
     to_module: Callable[..., nn.Module] | None = None
@@ -239,6 +241,9 @@ class Op:
             raise ValueError(f"{self.name} has no closed-form moments; use method='gh' or 'taylor'")
         f = functools.partial(self.fn, **params) if params else self.fn
         if method == "taylor":
+            if self.deriv is not None:
+                d = self.deriv(m, **params)
+                return f(m), d * d * v
             return rules.elementwise_taylor(f, m, v)
         return rules.elementwise_gh(f, m, v, nodes)
 
@@ -309,6 +314,7 @@ def _unary(
     functions: tuple[Callable[..., Any], ...] = (),
     methods: tuple[str, ...] = (),
     closed: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    deriv: Callable[..., Tensor] | None = None,
     monotone: bool | Callable[[dict[str, Any]], bool] = False,
     smooth: bool = False,
     linear: bool = False,
@@ -329,6 +335,7 @@ def _unary(
         methods=methods,
         fn=fn,
         closed=closed,
+        deriv=deriv,
         params=params,
         elementwise=True,
         linear=linear,
@@ -442,6 +449,7 @@ _ELEMENTWISE: list[Op] = [
         functions=(F.relu, torch.relu, torch.relu_, F.relu_),
         methods=("relu", "relu_"),
         closed=_relu_closed,
+        deriv=lambda x: (x > 0).to(x.dtype),
         monotone=True,
         gain=math.sqrt(2.0),
     ),

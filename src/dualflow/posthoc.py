@@ -13,11 +13,19 @@ and biases of the model's linear and convolutional layers:
 * the prior precision ``delta`` (one scalar, or one per layer) and, for regression, the
   noise variance ``sigma^2`` maximise the Laplace approximation of the marginal likelihood
   (MacKay 1992; Immer et al. 2021)
-  ``log p(D) ~ log p(D | theta*) - delta/2 |theta*|^2 + P/2 log delta - 1/2 sum_i log(h_i + delta)``;
+  ``log p(D) ~ log p(D | theta*) - delta/2 |theta*|^2 + P/2 log delta - 1/2 sum_i log(h_i + delta)``.
+  By default the noise is instead the maximum-likelihood noise of the trained network's
+  residuals and only ``delta`` is fitted: with a diagonal GGN the evidence is biased towards
+  large noise (below), which costs test log-likelihood (measured in
+  ``benchmarks/results/posthoc.md``);
 
 and returns the model converted by :func:`dualflow.convert` with those weight variances, so
 one deterministic forward pass gives the predictive mean and variance (moment propagation,
-the paper's Algorithm 1) instead of Jacobian products or weight samples.
+the paper's Algorithm 1) instead of Jacobian products or weight samples. By default the
+activations use the first-order rule (the paper's Eq. 3), which makes that pass the
+linearised (GLM) predictive of the diagonal posterior (Immer et al. 2021 show the
+linearised predictive of a Laplace posterior beats the network's own); ``predictive="moments"``
+uses the closed-form rules instead.
 
 Approximations: the Laplace approximation itself; a diagonal posterior (no correlations
 between weights); the diagonal GGN replaces the log determinant by the sum of the diagonal's
@@ -40,6 +48,7 @@ from torch import Tensor, nn
 from dualflow import losses
 from dualflow.convert_fx import ConvertedModel, convert
 from dualflow.gaussian import Gaussian, as_gaussian
+from dualflow.nn.activations import Activation
 from dualflow.nn.base import BayesLayer
 
 __all__ = ["PosthocLaplace", "diag_ggn", "laplace"]
@@ -196,8 +205,9 @@ def laplace(
     task: str = "regression",
     *,
     prior_precision: float | str = "marglik",
-    noise_var: float | str = "marglik",
+    noise_var: float | str = "residuals",
     layerwise: bool = False,
+    predictive: str = "linearized",
     batch_size: int = 256,
     max_iter: int = 200,
 ) -> PosthocLaplace:
@@ -211,8 +221,21 @@ def laplace(
         task: ``"regression"`` (Gaussian likelihood, homoscedastic noise) or ``"classification"``.
         prior_precision: ``delta`` of the prior ``N(0, 1/delta)``: a number, or ``"marglik"``
             to fit it by the Laplace marginal likelihood.
-        noise_var: ``sigma^2`` (regression): a number or ``"marglik"`` (fitted jointly).
+        noise_var: ``sigma^2`` (regression): ``"residuals"`` (default): the maximum-likelihood
+            noise of the trained network, ``mean (y - f(x; theta*))^2`` over the training data;
+            ``"marglik"``: fitted jointly with the prior precision by the marginal likelihood
+            (whose diagonal log determinant over-penalises complexity and so inflates the noise,
+            see the module docstring and ``benchmarks/results/posthoc.md``); or a number.
         layerwise: one prior precision per layer instead of one for all.
+        predictive: how the converted model propagates: ``"linearized"`` (default): every
+            activation by the paper's first-order rule (Eq. 3), ``(f(m), f'(m)^2 v)``, so the
+            mean is the trained network's output and the variance the linearised (GLM)
+            predictive of the diagonal posterior (exact to first order for one hidden layer;
+            deeper layers add mean-field's independence of units); ``"moments"``: the closed
+            form / quadrature rules, the predictive of the network itself under the diagonal
+            posterior, whose large variances of poorly determined weights shift the means
+            through the non-linearities (it loses test log-likelihood on UCI: see
+            ``benchmarks/results/posthoc.md``).
         batch_size: examples per Jacobian batch (memory ``batch_size x D x P``).
         max_iter: L-BFGS iterations of the hyperparameter fit.
 
@@ -221,11 +244,16 @@ def laplace(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "classification" and noise_var != "marglik":
+    if predictive not in ("linearized", "moments"):
+        raise ValueError(f"predictive must be 'linearized' or 'moments', got {predictive!r}")
+    if task == "classification" and noise_var not in ("residuals", "marglik"):
         raise ValueError("noise_var applies to regression only")
-    for name, val in (("prior_precision", prior_precision), ("noise_var", noise_var)):
-        if isinstance(val, str) and val != "marglik":
-            raise ValueError(f"{name} must be a positive number or 'marglik', got {val!r}")
+    for name, val, words in (
+        ("prior_precision", prior_precision, ("marglik",)),
+        ("noise_var", noise_var, ("marglik", "residuals")),
+    ):
+        if isinstance(val, str) and val not in words:
+            raise ValueError(f"{name} must be a positive number or one of {words}, got {val!r}")
         if not isinstance(val, str) and not val > 0:
             raise ValueError(f"{name} must be > 0, got {val}")
     was = model.training
@@ -256,7 +284,7 @@ def laplace(
     log_delta = torch.full((n_blocks,), math.log(init_delta), dtype=torch.float64, requires_grad=fit_delta)
     log_sigma2 = None
     if task == "regression":
-        s2 = stat / (n * d) if fit_sigma else float(noise_var)
+        s2 = stat / (n * d) if isinstance(noise_var, str) else float(noise_var)
         log_sigma2 = torch.tensor(math.log(max(s2, 1e-12)), dtype=torch.float64, requires_grad=fit_sigma)
     free = [t for t, on in ((log_delta, fit_delta), (log_sigma2, fit_sigma)) if on]
     if free:
@@ -284,6 +312,10 @@ def laplace(
     # the layers' prior variance is the fitted 1/delta, so kl() of the result is consistent
     layer_delta = {path: deltas[i] if layerwise else deltas[0] for i, path in enumerate(groups)}
     out = convert(model, bayes=True, weight_var=variances)
+    if predictive == "linearized":
+        for mod in out.modules():
+            if isinstance(mod, Activation):
+                mod.method = "taylor"
     for path, mod in out.named_modules():
         if isinstance(mod, BayesLayer) and path in layer_delta:
             mod.prior_var = 1.0 / layer_delta[path]
