@@ -398,11 +398,14 @@ def test_unsupported_module_and_settings_are_named():
             super().__init__()
             self.attn = nn.MultiheadAttention(4, 1)
             self.pool = nn.MaxPool2d(2, ceil_mode=True)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
 
         def forward(self, x):
-            return self.pool(self.attn(x, x, x)[0])
+            return self.conv(self.pool(self.attn(x, x, x)[0]))
 
-    with pytest.raises(ops.UnsupportedOpError, match=r"(?s)MultiheadAttention.*ceil_mode"):
+    with pytest.raises(
+        ops.UnsupportedOpError, match=r"(?s)3 operation.*MultiheadAttention.*ceil_mode.*reflect"
+    ):
         df.convert(M())
 
 

@@ -215,6 +215,12 @@ def test_monotone_depends_on_parameters():
     assert not ops.is_monotone(nn.MaxPool2d(2))
 
 
+def test_markdown_lists_every_op():
+    text = ops.markdown()
+    assert len(text.splitlines()) == 2 + len(ops.OPS)
+    assert "| relu | elementwise | nn.ReLU, F.relu" in text
+
+
 def test_lookup_errors_name_the_op():
     with pytest.raises(ops.UnsupportedOpError, match="sort"):
         ops.lookup(torch.sort)

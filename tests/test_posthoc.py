@@ -168,3 +168,14 @@ def test_bad_arguments():
         posthoc.laplace(net, (x, y), noise_var="mle")
     with pytest.raises(ValueError, match="differ in length"):
         posthoc.laplace(net, (x, y[:5]))
+
+
+def test_linearized_result_saves_and_loads(tmp_path):
+    net, x, y = regression_problem(n=40)
+    res = posthoc.laplace(net, (x, y))
+    assert isinstance(res.model.get_submodule("0"), posthoc.LinearizedLinear)
+    df.save(res.model, tmp_path / "post.pt")
+    back = df.load(tmp_path / "post.pt")
+    assert isinstance(back.get_submodule("0"), posthoc.LinearizedLinear)
+    a, b = res.model(x), back(x)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)

@@ -311,7 +311,9 @@ def _problem(node: fx.Node, op: ops.Op | None, root: nn.Module) -> str | None:
                 return f"no module rule for {type(mod).__name__}"
             if op.elementwise:
                 _plain_params(op.module_params(mod))
-            elif op.kind != "layer":
+            elif op.kind == "layer":
+                op.to_module(mod, bayes=False)  # raises for unsupported settings (padding_mode, ...)
+            else:
                 op.to_module(mod)  # raises for unsupported settings (ceil_mode, ...)
             return None
         if op.elementwise:

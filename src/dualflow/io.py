@@ -180,6 +180,17 @@ _SPECS: dict[type, Callable[[Any], dict[str, Any]]] = {
     dnn.Sequential: lambda m: {},
     dnn.Residual: lambda m: {},
 }
+
+
+def _register_posthoc() -> None:
+    from dualflow import posthoc
+
+    for cls in (posthoc.LinearizedLinear, posthoc.LinearizedConv1d, posthoc.LinearizedConv2d):
+        base = next(b for b in cls.__mro__ if b in _SPECS)  # the dualflow.nn layer it extends
+        _SPECS[cls] = _SPECS[base]
+
+
+_register_posthoc()
 _CLASSES = {cls.__name__: cls for cls in _SPECS}
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "is_monotone",
     "lookup",
     "lookup_method",
+    "markdown",
 ]
 
 #: Kinds of op. ``elementwise``: f applied entry by entry; ``layer``: weights (Gaussian or
@@ -1549,3 +1550,30 @@ def activation(name: str) -> Op:
 def gain(name: str) -> float:
     """Initialisation gain of activation ``name`` (``"linear"``/``"identity"``: 1)."""
     return activation(name).gain()
+
+
+def _form_name(t: Any) -> str:
+    if isinstance(t, str):
+        return f".{t}()"
+    if isinstance(t, type):
+        return f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__name__
+    mod = getattr(t, "__module__", "") or ""
+    short = {"torch.nn.functional": "F", "_operator": "operator", "builtins": ""}.get(mod, "torch")
+    name = getattr(t, "__name__", repr(t))
+    return f"{short}.{name}" if short else name
+
+
+def markdown() -> str:
+    """The table as a markdown table (name, kind, forms, properties, rule), for the docs."""
+    rows = [
+        "| op | kind | forms | exact | monotone | linear | rule |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for op in OPS.values():
+        forms = ", ".join(dict.fromkeys(_form_name(t) for t in (*op.modules, *op.functions, *op.methods)))
+        mono = "yes" if op.is_monotone() else ""
+        rows.append(
+            f"| {op.name} | {op.kind} | {forms} | {'yes' if op.exact else 'no'} | {mono} "
+            f"| {'yes' if op.linear else ''} | {op.rule} |"
+        )
+    return "\n".join(rows)

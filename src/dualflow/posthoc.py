@@ -45,15 +45,86 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dualflow import losses
+from dualflow import losses, rules
+from dualflow import nn as dnn
 from dualflow.convert_fx import ConvertedModel, convert
 from dualflow.gaussian import Gaussian, as_gaussian
 from dualflow.nn.activations import Activation
-from dualflow.nn.base import BayesLayer
+from dualflow.nn.base import BayesLayer, split_input
 
-__all__ = ["PosthocLaplace", "diag_ggn", "laplace"]
+__all__ = [
+    "LinearizedConv1d",
+    "LinearizedConv2d",
+    "LinearizedLinear",
+    "PosthocLaplace",
+    "diag_ggn",
+    "laplace",
+]
 
 TASKS = ("regression", "classification")
+
+
+class _Linearized:
+    """A Bayesian weight layer propagating to first order in the weight noise (the GLM rule).
+
+    Variance ``A_{mu^2}(v) + A_{sigma^2}(m^2) + sigma_b^2``: the exact rule's
+    ``A_{sigma^2}(v)``, a product of an input variance and a weight variance, is second order
+    and is dropped, as the linearised network drops it. With the Taylor rule for the
+    activations, a network of these layers computes the linearised (GLM) predictive of a
+    diagonal weight posterior (exactly for one hidden layer).
+    """
+
+    def forward(self, x: Any) -> Any:
+        if self.propagation != "moments" or not self.bayes:
+            return super().forward(x)  # type: ignore[misc]
+        m, v = split_input(x)
+        w_m, w_v, b_m, b_v = self._moments()  # type: ignore[attr-defined]
+        mean, var = self._rule(m, None, w_m, w_v, b_m, b_v)
+        if v is not None:
+            var = var + self._rule(v, None, w_m * w_m, None)[0]
+        return Gaussian(mean, var)
+
+
+class LinearizedLinear(_Linearized, dnn.Linear):
+    """:class:`dualflow.nn.Linear` with the first-order (GLM) variance rule (see ``_Linearized``)."""
+
+    def _rule(self, *args: Any) -> tuple[Tensor, Tensor]:
+        return rules.linear(*args)
+
+
+class _LinearizedConv(_Linearized):
+    def _rule(self, *args: Any) -> tuple[Tensor, Tensor]:
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        return rules.conv(*args, **kw)
+
+
+class LinearizedConv1d(_LinearizedConv, dnn.Conv1d):
+    """:class:`dualflow.nn.Conv1d` with the first-order (GLM) variance rule."""
+
+
+class LinearizedConv2d(_LinearizedConv, dnn.Conv2d):
+    """:class:`dualflow.nn.Conv2d` with the first-order (GLM) variance rule."""
+
+
+_LINEARIZED = {dnn.Linear: LinearizedLinear, dnn.Conv1d: LinearizedConv1d, dnn.Conv2d: LinearizedConv2d}
+
+
+def _linearize(model: ConvertedModel) -> None:
+    """Swap every weight layer for its first-order twin and every activation to Eq. 3."""
+    from dualflow.io import module_spec
+
+    for path, mod in list(model.named_modules()):
+        if type(mod) in _LINEARIZED:
+            kw = module_spec(mod)["kwargs"]
+            kw["dtype"] = mod.weight_mu.dtype
+            new = _LINEARIZED[type(mod)](**kw, device=mod.weight_mu.device)
+            new.load_state_dict(mod.state_dict())
+            new.prior_var = mod.prior_var
+            new.check_inputs = mod.check_inputs
+            new.train(mod.training)
+            model.add_submodule(path, new)
+        elif isinstance(mod, Activation):
+            mod.method = "taylor"
 
 
 @dataclasses.dataclass
@@ -227,15 +298,16 @@ def laplace(
             (whose diagonal log determinant over-penalises complexity and so inflates the noise,
             see the module docstring and ``benchmarks/results/posthoc.md``); or a number.
         layerwise: one prior precision per layer instead of one for all.
-        predictive: how the converted model propagates: ``"linearized"`` (default): every
-            activation by the paper's first-order rule (Eq. 3), ``(f(m), f'(m)^2 v)``, so the
-            mean is the trained network's output and the variance the linearised (GLM)
-            predictive of the diagonal posterior (exact to first order for one hidden layer;
-            deeper layers add mean-field's independence of units); ``"moments"``: the closed
-            form / quadrature rules, the predictive of the network itself under the diagonal
-            posterior, whose large variances of poorly determined weights shift the means
-            through the non-linearities (it loses test log-likelihood on UCI: see
-            ``benchmarks/results/posthoc.md``).
+        predictive: how the converted model propagates: ``"linearized"`` (default): to first
+            order in the weight noise, activations by the paper's Eq. 3, ``(f(m), f'(m)^2 v)``,
+            and weight layers without the second-order ``A_{sigma^2}(v)`` term
+            (:class:`LinearizedLinear`), so the mean is the trained network's output and the
+            variance the linearised (GLM) predictive of the diagonal posterior (exactly, for
+            one hidden layer; deeper, mean-field treats the units of a layer as independent);
+            ``"moments"``: the full rules (closed-form ReLU, ...), the network's own predictive
+            under the diagonal posterior, where poorly determined weights (posterior = prior)
+            shift the means through the non-linearities and multiply into large variances
+            (it loses test log-likelihood on UCI: see ``benchmarks/results/posthoc.md``).
         batch_size: examples per Jacobian batch (memory ``batch_size x D x P``).
         max_iter: L-BFGS iterations of the hyperparameter fit.
 
@@ -312,13 +384,11 @@ def laplace(
     # the layers' prior variance is the fitted 1/delta, so kl() of the result is consistent
     layer_delta = {path: deltas[i] if layerwise else deltas[0] for i, path in enumerate(groups)}
     out = convert(model, bayes=True, weight_var=variances)
-    if predictive == "linearized":
-        for mod in out.modules():
-            if isinstance(mod, Activation):
-                mod.method = "taylor"
     for path, mod in out.named_modules():
         if isinstance(mod, BayesLayer) and path in layer_delta:
             mod.prior_var = 1.0 / layer_delta[path]
+    if predictive == "linearized":
+        _linearize(out)
     out.train(False)
     pp: float | dict[str, float] = layer_delta if layerwise else deltas[0]
     return PosthocLaplace(out, task, s2, pp, lml, sum(x.numel() for x in g))
