@@ -489,8 +489,8 @@ def convert(
             problems.append(f"  node {node.name!r}: {_describe(node, model)}: {why}\n    at {_where(node)}")
     if problems:
         raise ops.UnsupportedOpError(
-            f"cannot convert {type(model).__name__}: {len(problems)} operation(s) without a moment rule "
-            "(dualflow.ops.OPS lists the supported ones):\n" + "\n".join(problems)
+            f"cannot convert {type(source_model).__name__}: {len(problems)} operation(s) without a "
+            "moment rule (dualflow.ops.OPS lists the supported ones):\n" + "\n".join(problems)
         )
     if pool_rewrite:
         pool_before_activation(graph, model)
@@ -517,7 +517,7 @@ def convert(
                     else op.to_module(mod)
                 )
                 if isinstance(new, BayesLayer):
-                    orig = path.removeprefix(prefix.rstrip(".")).removeprefix(".") if prefix else path
+                    orig = path.removeprefix("module").lstrip(".") if prefix else path
                     pre = f"{orig}." if orig else ""
                     if bayes and weight_var is not None:
                         _set_variances(new, pre, weight_var, used_var)
