@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             r = run_split(data, split, args.seed)
             rows.append(r)
             out.write_text(json.dumps(rows, indent=1))
+            md.write_text(summarise(rows, command))  # a summary of whatever is done so far
             m = r["methods"]
             print(
                 f"{data.name} split {split}: LL dualflow {m['dualflow diag']['ll']:.3f} "
