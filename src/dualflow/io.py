@@ -307,6 +307,11 @@ def _build_net(s: dict[str, Any]) -> nn.Module:
 
 
 def _method_options(m: Any) -> dict[str, Any]:
+    """The :func:`dualflow.methods.create` options that rebuild ``m`` (its state comes from the
+    state dict). A method described by traits keeps only ``samples`` and the registry defaults
+    of its name (the traits' other choices affect training, not the saved predictive)."""
+    if hasattr(m, "traits"):
+        return {"samples": m.samples}
     opts: dict[str, Any] = {
         "samples": m.samples,
         "ensemble_size": m.ensemble_size,
