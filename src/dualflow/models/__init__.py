@@ -33,6 +33,7 @@ from dualflow.models.base import ImageClassifier
 from dualflow.models.blocks import ACT_GAINS, LayerFactory, Scale
 from dualflow.models.densenet import build_densenet_bc
 from dualflow.models.efficientnet import build_efficientnet
+from dualflow.models.lenet import build_lenet5
 from dualflow.models.mixer import build_mixer
 from dualflow.models.mlp import build_mlp, build_vgg
 from dualflow.models.resnet import build_resnet, build_wrn
@@ -72,6 +73,9 @@ def _resnet(depth: int) -> ModelSpec:
 #: name -> :class:`ModelSpec`. Keyword arguments of :func:`create` override the defaults.
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(build_mlp, {}, "MLP on flattened images (width=400, depth=2 hidden layers)"),
+    "lenet5": ModelSpec(
+        build_lenet5, {}, "LeNet-5-style CNN: conv5x5(6)-maxpool-conv5x5(16)-maxpool-fc120-fc84, ReLU"
+    ),
     "vgg16": ModelSpec(build_vgg, {}, "VGG16 for 32x32 images, one linear classifier (Wen et al. 2018)"),
     "resnet": ModelSpec(build_resnet, {}, "CIFAR ResNet, depth=6n+2 (default 20)"),
     "resnet8": _resnet(8),
@@ -141,7 +145,8 @@ def create(
             ``dualflow.nn.Dropout``; 0 builds none).
         act_method: moment rule of SiLU/GELU, ``"gh"`` (Gauss-Hermite) or ``"taylor"``.
         **kw: architecture options overriding the registry defaults:
-            ``mlp``: ``width``, ``depth``; ``vgg16``: ``width`` (channel multiplier),
+            ``mlp``: ``width``, ``depth``; ``lenet5``: ``channels``, ``hidden``,
+            ``padding``, ``pool``; ``vgg16``: ``width`` (channel multiplier),
             ``blocks``, ``channels``, ``pool``; ``resnet*``: ``depth``, ``widths``,
             ``skip_init``; ``wrn*``: ``depth``, ``widen_factor``, ``skip_init``;
             ``densenet_bc*``: ``depth``, ``growth_rate``, ``compression``,

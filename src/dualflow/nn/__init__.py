@@ -21,6 +21,7 @@ from dualflow.nn.dropout import Dropout
 from dualflow.nn.layers import Conv1d, Conv2d, Linear
 from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
+from dualflow.nn.rewrite import is_monotone, pool_before_activation
 from dualflow.nn.structure import (
     Add,
     AddNoise,
@@ -66,7 +67,9 @@ __all__ = [
     "Softplus",
     "Tanh",
     "from_torch",
+    "is_monotone",
     "kl",
     "kl_normal",
+    "pool_before_activation",
     "set_checks",
 ]
