@@ -469,3 +469,36 @@ def test_sequential_passes_window_correlations_through_batchnorm():
     ref = rules.relu(*rules.max_pool2d_clark(*z, (2, 2), (2, 2)))
     torch.testing.assert_close(plain.mean, ref[0])
     assert not torch.allclose(plain.mean, out.mean)
+
+
+@pytest.mark.parametrize(
+    "h,stride,pk,groups,mode",
+    [
+        (6, (1, 1), (2, 2), 1, "smooth"),
+        (7, (1, 1), (2, 2), 2, "meanfield"),
+        (9, (2, 2), (2, 2), 1, "smooth"),
+        (7, (1, 1), (3, 3), 1, "smooth"),
+    ],
+)
+def test_tiling_fast_path_equals_general_path(h, stride, pk, groups, mode):
+    """conv2d_pair_cov / pair_corr / max_pool2d_clark_pairs (windows that tile the map) give
+    what conv2d_window_cov / window_corr / max_pool2d_clark_corr give, odd sizes included."""
+    g = torch.Generator().manual_seed(8)
+    m = torch.randn(2, 4, h, h, dtype=D, generator=g)
+    v = torch.rand(2, 4, h, h, dtype=D, generator=g)
+    wm = torch.randn(6, 4 // groups, 3, 3, dtype=D, generator=g)
+    wv = torch.rand(6, 4 // groups, 3, 3, dtype=D, generator=g) * 0.1
+    bv = torch.rand(6, dtype=D, generator=g)
+    kw = dict(stride=stride, padding=(1, 1), groups=groups, mode=mode)
+    offs = rules.window_offsets(pk)
+    full = rules.conv2d_window_cov(m, v, wm, wv, bv, offs, **kw)
+    pairs = rules.conv2d_pair_cov(m, v, wm, wv, bv, pk, **kw)
+    oh, ow = pairs.shape[-2:]
+    for i, (e, f) in enumerate(rules.window_pairs(pk)):
+        o = offs.index((f // pk[1] - e // pk[1], f % pk[1] - e % pk[1]))
+        want = full[:, o][..., e // pk[1] :: pk[0], e % pk[1] :: pk[1]][..., :oh, :ow]
+        torch.testing.assert_close(pairs[:, :, i], want)
+    mo, vo = rules.conv(m, v, wm, wv, None, bv, stride=stride, padding=(1, 1), groups=groups)
+    fast = rules.max_pool2d_clark_pairs(mo, vo, rules.pair_corr(pairs, vo, pk), pk)
+    slow = rules.max_pool2d_clark_corr(mo, vo, rules.window_corr(full, vo, offs), offs, pk, pk)
+    torch.testing.assert_close(fast, slow)

@@ -84,14 +84,21 @@ class MaxPool2d(Module):
         return rules.window_offsets(self.kernel_size)
 
     @property
+    def tiles(self) -> bool:
+        """Windows tile the map (``stride == kernel_size``, no padding): the fast correlation path."""
+        return self.stride == self.kernel_size and self.padding == (0, 0)
+
+    @property
     def wants_correlation(self) -> bool:
         """Whether this pool uses window correlations when a container supplies them."""
         return self.method == "clark" and self.correlation != "none"
 
     def forward(self, x: Input, window_corr: Tensor | None = None) -> Input:
-        """Pool ``x``; ``window_corr`` (``(B, len(window_offsets), C, H, W)``, see
-        :func:`dualflow.rules.window_corr`) holds the correlation of every element with its
-        displaced neighbours, or ``None`` for independent elements."""
+        """Pool ``x``. ``window_corr``: ``None`` for independent elements, else the correlations
+        within the windows as :func:`conv_window_corr` returns them: per pair of window
+        elements, ``(B, C, n_pairs, H_out, W_out)`` (:func:`dualflow.rules.pair_corr`) where
+        the windows tile the map (:attr:`tiles`); otherwise per element and displacement,
+        ``(B, len(window_offsets), C, H, W)`` (:func:`dualflow.rules.window_corr`)."""
         _check_4d("MaxPool2d", x)
         if isinstance(x, Tensor):
             return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
@@ -99,6 +106,8 @@ class MaxPool2d(Module):
         geom = (self.kernel_size, self.stride, self.padding)
         if self.method == "clark":
             if window_corr is not None and self.correlation != "none":
+                if self.tiles:
+                    return Gaussian(*rules.max_pool2d_clark_pairs(m, v, window_corr, self.kernel_size))
                 return Gaussian(*rules.max_pool2d_clark_corr(m, v, window_corr, self.window_offsets, *geom))
             return Gaussian(*rules.max_pool2d_clark(m, v, *geom))
         if self.method == "quad":
@@ -115,6 +124,8 @@ class MaxPool2d(Module):
 def conv_window_corr(conv: Module, x: Input, out: Input, pool: MaxPool2d) -> Tensor | None:
     """Correlations between the elements of ``pool``'s windows on the output ``out = conv(x)``.
 
+    Pair correlations (:func:`dualflow.rules.conv2d_pair_cov`) where the pool's windows tile
+    the map, else per displacement (:func:`dualflow.rules.conv2d_window_cov`).
     ``conv`` must be a :class:`~dualflow.nn.Conv2d` in ``"moments"`` propagation; returns
     ``None`` (independent elements) when ``out`` is deterministic, the pool does not use
     correlations, or the layer is not a moment-propagating 2-d convolution.
@@ -125,20 +136,12 @@ def conv_window_corr(conv: Module, x: Input, out: Input, pool: MaxPool2d) -> Ten
         return None
     m, v = split_input(x)
     w_m, w_v, _, b_v = conv._moments()
+    kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    if pool.tiles:
+        cov = rules.conv2d_pair_cov(m, v, w_m, w_v, b_v, pool.kernel_size, mode=pool.correlation, **kw)
+        return None if cov is None else rules.pair_corr(cov, out.var, pool.kernel_size)
     offsets = pool.window_offsets
-    cov = rules.conv2d_window_cov(
-        m,
-        v,
-        w_m,
-        w_v,
-        b_v,
-        offsets,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        mode=pool.correlation,
-    )
+    cov = rules.conv2d_window_cov(m, v, w_m, w_v, b_v, offsets, mode=pool.correlation, **kw)
     return None if cov is None else rules.window_corr(cov, out.var, offsets)
 
 
