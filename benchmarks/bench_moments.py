@@ -41,10 +41,10 @@ trained conv nets against MC of the truncated network.
 
 Usage::
 
-    python benchmarks/bench_moments.py [--samples 4000] [--images 32] [--quick] [--workdir DIR]
+    python benchmarks/bench_moments.py [--samples 4000] [--images 16] [--quick] [--workdir DIR]
 
 Needs ``$DUALFLOW_DATA`` (MNIST, CIFAR-10). Trained weights and finished parts are cached in
-``--workdir`` (default ``benchmarks/.moments_work``), so an interrupted run resumes. Writes
+``--workdir`` (default ``runs/bench_moments``), so an interrupted run resumes. Writes
 ``benchmarks/results/moments.{json,md}``.
 """
 
@@ -348,7 +348,7 @@ def run_network(net: Net, args, workdir: Path, cache: dict) -> dict:
         if net.has_pool:
             for m in built.values():
                 m.train()
-            t = step_time(built, xb, yb, 3 if args.quick else 9)
+            t = step_time(built, xb, yb, 3 if args.quick else 5)
             base = t[CONFIGS[0].label]
             times = {k: v / base for k, v in t.items()}
         res = {"rows": rows, "layers": layers, "time_ratio": times, "seconds": time.time() - t0}
@@ -572,11 +572,11 @@ def report(res: dict, cmd: str, args) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=4000, help="whole-network MC weight draws")
-    ap.add_argument("--images", type=int, default=32, help="test images per network")
+    ap.add_argument("--images", type=int, default=16, help="test images per network")
     ap.add_argument("--windows", type=int, default=256, help="windows per regime (part 2)")
     ap.add_argument("--window-mc", type=int, default=200_000, help="MC samples per window (part 2)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sample sizes, short training")
-    ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / ".moments_work"))
+    ap.add_argument("--workdir", default=str(Path(__file__).resolve().parents[1] / "runs" / "bench_moments"))
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.quick:
