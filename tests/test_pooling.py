@@ -362,12 +362,18 @@ def test_gradcheck_new_max_rules():
     assert torch.autograd.gradcheck(
         lambda a, b, c: rules.max_pool2d_clark_corr(a, b, c, offsets, (2, 2), (2, 2)), (m, v, corr)
     )
+    pc = (0.2 + 0.6 * torch.rand(1, 2, 6, 2, 2, dtype=D, generator=g)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: rules.max_pool2d_clark_pairs(a, b, c, (2, 2)), (m, v, pc))
     wm = torch.randn(3, 2, 3, 3, dtype=D, generator=g).requires_grad_(True)
     wv = (torch.rand(3, 2, 3, 3, dtype=D, generator=g) * 0.1).requires_grad_(True)
     bv = torch.rand(3, dtype=D, generator=g).requires_grad_(True)
     for mode in ("smooth", "meanfield"):
         assert torch.autograd.gradcheck(
             lambda *a, mode=mode: rules.conv2d_window_cov(*a, offsets, padding=(1, 1), mode=mode),
+            (m, v, wm, wv, bv),
+        )
+        assert torch.autograd.gradcheck(
+            lambda *a, mode=mode: rules.conv2d_pair_cov(*a, (2, 2), padding=(1, 1), mode=mode),
             (m, v, wm, wv, bv),
         )
 
@@ -502,3 +508,14 @@ def test_tiling_fast_path_equals_general_path(h, stride, pk, groups, mode):
     fast = rules.max_pool2d_clark_pairs(mo, vo, rules.pair_corr(pairs, vo, pk), pk)
     slow = rules.max_pool2d_clark_corr(mo, vo, rules.window_corr(full, vo, offs), offs, pk, pk)
     torch.testing.assert_close(fast, slow)
+
+
+def test_from_torch_conversion_pools_pre_activations():
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten()
+    )
+    conv = dnn.from_torch(net, bayes=False)
+    assert [type(m) for m in conv][:3] == [dnn.Conv2d, dnn.MaxPool2d, dnn.ReLU]
+    x = torch.randn(2, 1, 6, 6)
+    torch.testing.assert_close(conv(x), net(x))
