@@ -859,18 +859,16 @@ def conv2d_pair_cov(
 
     cov: Tensor | float = 0.0
     if w_var is not None:
-        prods: dict[tuple[int, int], Tensor] = {}
+        # the region element f reads is the region element e reads, displaced by s (f - e):
+        # products of two crops (views) pair every input with its displaced partner
+        prods = []
         for e, f in pairs:
-            dy, dx = delta(e, f)
-            if (dy, dx) not in prods:
-                pr = mp * _shift2d(mp, sy * dy, sx * dx)
-                if sp is not None and mode == "smooth":
-                    pr = pr + sp * _shift2d(sp, sy * dy, sx * dx)
-                prods[(dy, dx)] = pr
+            pr = crop(mp, e) * crop(mp, f)
+            if sp is not None and mode == "smooth":
+                pr = pr + crop(sp, e) * crop(sp, f)
+            prods.append(pr)
         # one strided convolution per pair (faster on CPU than one grouped call, measured)
-        cov = torch.stack(
-            [F.conv2d(crop(prods[delta(e, f)], e), w_var, None, groups=groups, **kw) for e, f in pairs], 1
-        )
+        cov = torch.stack([F.conv2d(pr, w_var, None, groups=groups, **kw) for pr in prods], 1)
         if b_var is not None:
             cov = cov + b_var.reshape(-1, 1, 1)
     if vp is not None:
