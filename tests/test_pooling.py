@@ -470,7 +470,9 @@ def test_sequential_passes_window_correlations_through_batchnorm():
     torch.testing.assert_close(out.mean, want[0])
     torch.testing.assert_close(out.var, want[1])
     # correlation="none" is the independent tree
-    seq.get_submodule("2").correlation = "none"
+    assert dnn.set_max_pool(seq, correlation="none") is seq and seq[2].correlation == "none"
+    with pytest.raises(ValueError, match="correlation"):
+        dnn.set_max_pool(seq, correlation="full")
     plain = seq(x)
     ref = rules.relu(*rules.max_pool2d_clark(*z, (2, 2), (2, 2)))
     torch.testing.assert_close(plain.mean, ref[0])

@@ -20,7 +20,7 @@ from dualflow.nn.convert import CONVERTERS, from_torch
 from dualflow.nn.dropout import Dropout
 from dualflow.nn.layers import Conv1d, Conv2d, Linear
 from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
-from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
+from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d, set_max_pool
 from dualflow.nn.rewrite import is_monotone, pool_before_activation
 from dualflow.nn.structure import (
     Add,
@@ -72,4 +72,5 @@ __all__ = [
     "kl_normal",
     "pool_before_activation",
     "set_checks",
+    "set_max_pool",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -10,7 +11,7 @@ from dualflow.gaussian import Gaussian
 from dualflow.nn.base import Input, Module, split_input
 from dualflow.nn.layers import Conv2d
 
-__all__ = ["AvgPool2d", "GlobalAvgPool2d", "MaxPool2d", "conv_window_corr"]
+__all__ = ["AvgPool2d", "GlobalAvgPool2d", "MaxPool2d", "conv_window_corr", "set_max_pool"]
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -51,8 +52,11 @@ class MaxPool2d(Module):
             independent biases the mean of the max upwards by 0.2-0.5 output sd, measured).
             ``"smooth"`` (default) or ``"meanfield"``: the model of
             :func:`dualflow.rules.conv2d_window_cov`; ``"none"``: always independent.
-            Used by ``method="clark"`` only. Costs ``len(window_offsets)`` extra convolutions
-            of the preceding layer's input (4 for a 2x2 window).
+            Used by ``method="clark"`` only. Cost: where the windows tile the map (the usual
+            2x2 with stride 2), one strided convolution per pair of window elements and one
+            convolution of the input variance, about 2.2x the moment convolution feeding the
+            pool; overlapping or padded windows: one full convolution per displacement
+            (:attr:`window_offsets`). :func:`set_max_pool` switches a whole model.
         temperature: ``T`` for ``"lse"``.
     """
 
@@ -119,6 +123,27 @@ class MaxPool2d(Module):
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
             f"method={self.method!r}, correlation={self.correlation!r}"
         )
+
+
+def set_max_pool(
+    model: torch.nn.Module, *, method: str | None = None, correlation: str | None = None
+) -> torch.nn.Module:
+    """Set ``method`` and/or ``correlation`` of every :class:`MaxPool2d` in ``model``; returns it.
+
+    E.g. ``set_max_pool(model, correlation="none")`` trades the window correlations (the mean
+    of the pooled moments) for speed.
+    """
+    if method is not None and method not in _MAX_METHODS:
+        raise ValueError(f"set_max_pool: method must be one of {_MAX_METHODS}, got {method!r}")
+    if correlation is not None and correlation not in _CORRELATIONS:
+        raise ValueError(f"set_max_pool: correlation must be one of {_CORRELATIONS}, got {correlation!r}")
+    for mod in model.modules():
+        if isinstance(mod, MaxPool2d):
+            if method is not None:
+                mod.method = method
+            if correlation is not None:
+                mod.correlation = correlation
+    return model
 
 
 def conv_window_corr(conv: Module, x: Input, out: Input, pool: MaxPool2d) -> Tensor | None:
