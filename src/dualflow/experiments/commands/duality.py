@@ -442,6 +442,12 @@ def plot_tracking(path: str, dtype: torch.dtype = torch.float64, device: str = "
 
 def run(args: argparse.Namespace) -> int:
     """Run all row providers, print the table, optionally write JSON/PNG; 1 on failure."""
+    from dualflow.experiments.io import check_writable, require_extra
+
+    check_writable(args.out, option="--out")
+    check_writable(args.plot, option="--plot")
+    if args.plot:
+        require_extra("plot", purpose="dualflow duality --plot")
     _check_args(args)
     # long chains of tiny ops: intra-op threads only add overhead (restored afterwards)
     threads = torch.get_num_threads()
