@@ -128,9 +128,26 @@ def gaussian_log_density(
 
 
 def predictive_mean_var(pred: Tensor | Gaussian, noise_var: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
-    """Mean and variance of the predictive distribution ``N(m, v + tau^2)`` of ``y``."""
-    g = as_gaussian(pred)
-    return g.mean, g.var + torch.as_tensor(noise_var, dtype=g.mean.dtype, device=g.mean.device)
+    """Mean and variance of the predictive distribution ``N(m, v + tau^2)`` of ``y``.
+
+    The returned variance is never negative: ``pred`` is checked (same shapes, finite,
+    ``v >= 0``) and ``noise_var`` must be finite and ``>= 0``, so the sum of the two is ``>= 0``.
+    A variance computed by cancellation, ``E[x^2] - E[x]^2``, can come out below zero in floating
+    point; such an input is refused with a ``ValueError`` instead of being passed on (compute it
+    centred, ``E[(x - E x)^2]``, or clamp it knowingly). One device synchronisation.
+
+    Args:
+        pred: output moments (a tensor means variance 0).
+        noise_var: observation noise variance ``tau^2 >= 0`` (float or broadcastable tensor).
+
+    Returns:
+        ``(mean, var)``, ``var`` of the broadcast shape of ``v`` and ``noise_var``.
+    """
+    g = _check_pred(pred)
+    nv = torch.as_tensor(noise_var, dtype=g.mean.dtype, device=g.mean.device)
+    if not bool((torch.isfinite(nv) & (nv >= 0)).all()):
+        raise ValueError(f"noise_var must be finite and >= 0, got {noise_var}")
+    return g.mean, g.var + nv
 
 
 def _check_labels(target: Tensor, num_classes: int, batch: int) -> None:

@@ -18,10 +18,10 @@ variance map of the input (a saving, not an approximation).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -31,6 +31,8 @@ from torch import Tensor
 
 __all__ = [
     "avg_pool2d",
+    "compile_enabled",
+    "compiled_kernels",
     "conv",
     "elementwise_gh",
     "elementwise_taylor",
@@ -55,11 +57,12 @@ class _Kernel:
 
     The closed-form rules chain 20-30 element-wise ops; eagerly each one is a pass over
     memory, compiled they fuse into one loop (5x faster on a 2M-element CPU map, measured).
-    Compilation is opt-in (:func:`enable_compile`, or ``DUALFLOW_COMPILE=1``) because it
-    needs a C++ compiler (CPU) or Triton (GPU) and costs ~30 s on first use.
+    Compilation is opt-in, only by an explicit call (:func:`compiled_kernels`, a context
+    manager, or :func:`enable_compile`; no environment variable is read), because it needs a
+    C++ compiler (CPU) or Triton (GPU) and costs ~30 s on first use.
     """
 
-    enabled: bool = os.environ.get("DUALFLOW_COMPILE", "0") == "1"
+    enabled: bool = False
 
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]]) -> None:
         self.fn = fn
@@ -74,10 +77,37 @@ class _Kernel:
         return self.compiled(*args)
 
 
-def enable_compile(enabled: bool = True) -> None:
+def enable_compile(enabled: bool = True) -> bool:
     """Run the fused element-wise kernels (ReLU and Clark-max moments and their analytic
-    backward passes) through ``torch.compile``. Same results to float rounding."""
+    backward passes) through ``torch.compile`` from now on (process-wide; prefer
+    :func:`compiled_kernels`, which restores the previous mode). Same results to float
+    rounding. Returns the previous setting."""
+    previous = _Kernel.enabled
     _Kernel.enabled = bool(enabled)
+    return previous
+
+
+def compile_enabled() -> bool:
+    """Whether the fused element-wise kernels currently run through ``torch.compile``."""
+    return _Kernel.enabled
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool = True) -> Iterator[None]:
+    """Context manager: the fused element-wise kernels run through ``torch.compile`` (or, with
+    ``enabled=False``, eagerly) inside the block; the previous mode is restored on exit, also on
+    an exception. Process-wide (not per thread), like every ``torch`` backend flag.
+
+    Example::
+
+        with dualflow.rules.compiled_kernels():
+            train(...)
+    """
+    previous = enable_compile(enabled)
+    try:
+        yield
+    finally:
+        _Kernel.enabled = previous
 
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
