@@ -1,4 +1,4 @@
-"""Losses on propagated moments (MATH.md section 2; the paper's Eqs. 2, 4, 6).
+"""Losses on propagated moments (docs/maths.md section 2; the paper's Eqs. 2, 4, 6).
 
 The paper's loss is the marginal negative log-likelihood ``J = -log p(y | x)`` with the
 network's randomness integrated out, evaluated on the output moments ``(m_L, v_L)``.
@@ -198,7 +198,7 @@ def categorical_nll(
     Args:
         logits: ``(B, C)`` moments (a tensor means variance 0: ordinary cross-entropy).
         target: ``(B,)`` integer labels.
-        method: ``"probit"`` (sampling-free, MATH.md section 2) or ``"sample"``: ``S`` samples of
+        method: ``"probit"`` (sampling-free, docs/maths.md section 2.2) or ``"sample"``: ``S`` samples of
             the logits only, log-mean-exp (a check of the approximation; biased upwards for small S).
         samples: ``S`` for ``"sample"``.
     """

@@ -1,6 +1,6 @@
 """Moment rules: pure functions mapping input moments to output moments.
 
-Every rule of ``docs/MATH.md`` section 1 (the paper's Algorithm 1, "filtering"), grouped
+Every rule of docs/maths.md section 1 (the paper's Algorithm 1, "filtering"), grouped
 by the assumption it makes:
 
 * structural ops (reshape, concat, pad, ...) are exact and live on :class:`~dualflow.Gaussian`;
@@ -114,7 +114,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def var_floor(dtype: torch.dtype) -> float:
-    """Smallest variance used before ``sqrt``/division (MATH.md section 1, notes).
+    """Smallest variance used before ``sqrt``/division (docs/maths.md section 1.6).
 
     Chosen so that ``1/sqrt(floor)`` and ``m/floor`` stay far from overflow.
     """
@@ -145,7 +145,7 @@ def linear(
     """Moments of ``y = x W^T + b`` for independent Gaussian ``x``, ``W``, ``b``.
 
     Mean ``m W_mu^T + b_mu``; variance ``v (W_mu^2)^T + (m^2 + v)(W_var)^T + b_var``
-    (MATH.md section 1; the paper's Algorithm 1 omits the ``W_var v`` term). The two
+    (docs/maths.md section 1.1; the paper's Algorithm 1 omits the ``W_var v`` term: section 7.1). The two
     variance maps run as one matmul over a doubled inner dimension.
 
     Args:
@@ -298,7 +298,7 @@ def _relu_backward(
 
 
 def relu(m: Tensor, v: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
-    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (MATH.md section 1).
+    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (docs/maths.md section 1.2).
 
     ``mean = m Phi(a) + s phi(a)``, ``var = (m^2 + v) Phi(a) + m s phi(a) - mean^2`` with
     ``s = sqrt(v)``, ``a = m / s``, computed in a cancellation-free form and clamped at 0.
@@ -484,7 +484,7 @@ def max_pool2d_clark(
 ) -> tuple[Tensor, Tensor]:
     """Max pooling by a tree of pairwise Clark maxima (each intermediate max treated as Gaussian).
 
-    Approximate for windows of more than 2 elements (MATH.md section 1, notes). Padded
+    Approximate for windows of more than 2 elements (docs/maths.md section 1.3). Padded
     positions are ignored (as ``-inf`` padding would be).
     """
     h, w = m.shape[-2:]
@@ -596,7 +596,7 @@ def layer_norm(
     bias: Tensor | None,
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor | None]:
-    """LayerNorm with the statistics of the mean (MATH.md section 1, notes).
+    """LayerNorm with the statistics of the mean (docs/maths.md section 1.5).
 
     ``m' = g (m - mean(m)) / sqrt(var(m) + eps) + b``, ``v' = v g^2 / (var(m) + eps)``: the
     statistics are taken over the means only (treated as deterministic in the variance

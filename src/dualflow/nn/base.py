@@ -89,7 +89,7 @@ def set_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 
 def kl_normal(mean: Tensor, var: Tensor, prior_var: float | Tensor) -> Tensor:
-    """``sum KL(N(mean, var) || N(0, prior_var))`` (MATH.md section 2):
+    """``sum KL(N(mean, var) || N(0, prior_var))`` (docs/maths.md section 2.3):
     ``0.5 (var/s0 + mean^2/s0 - 1 - log(var/s0))`` summed over all elements."""
     r = var / prior_var
     return 0.5 * (r + mean * mean / prior_var - 1.0 - torch.log(r)).sum()
@@ -129,7 +129,7 @@ class BayesLayer(Module):
     """Mixin for layers with mean-field Gaussian weights ``W ~ N(mu, sigma^2)``.
 
     Parameterisation: ``weight_mu`` and ``weight_rho`` with ``sigma = softplus(rho)``
-    (MATH.md section 2), likewise for the bias. ``bayes=False`` keeps only the means (a
+    (docs/maths.md section 2.3), likewise for the bias. ``bayes=False`` keeps only the means (a
     point network). Prior ``N(0, prior_var)`` on every weight and bias.
 
     Initialisation ("He second-moment rule"): ``E[mu^2] + sigma^2 = gain^2 / fan_in`` with

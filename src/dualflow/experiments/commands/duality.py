@@ -1,7 +1,7 @@
 """``dualflow duality``: belief propagation *is* backpropagation, checked numerically.
 
 On random models of a chosen size it computes each smoother twice, by an explicit
-message-passing pass and by one autodiff pass over the filter (MATH.md sections 4-5,
+message-passing pass and by one autodiff pass over the filter (docs/maths.md sections 4-5,
 the paper's Theorems 3-4), and prints the largest discrepancy per identity:
 
 * Kalman smoother means and covariances: backprop vs Rauch-Tung-Striebel;
@@ -242,7 +242,7 @@ def hmm_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def network_rows(args: argparse.Namespace) -> list[Row]:
-    """Networks (MATH.md section 4): ``dualflow.smooth`` vs exact Gaussian conditioning on a
+    """Networks (docs/maths.md section 4): ``dualflow.smooth`` vs exact Gaussian conditioning on a
     Gaussian-linear network, and vs importance sampling on a nonlinear BNN (approximate)."""
     from dualflow import nn as dnn
     from dualflow.smoothing import importance_smoothing, smooth
