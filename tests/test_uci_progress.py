@@ -46,3 +46,18 @@ def test_time_estimate_is_calibrated_on_this_machine(tmp_path, data_root, monkey
     nominal = uci.job_cost(recs[0]["n_train"], 40, 50, "bp", {**proto.defaults, "steps": 800}, 1)
     print(f"estimate {estimate:.2f} s, actual {actual:.2f} s, nominal {nominal:.2f} s", lines)
     assert estimate / nominal > 2
+
+
+def test_eta_follows_finished_and_overrunning_jobs(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(uci.time, "perf_counter", lambda: now[0])
+    jobs = [("a", 0, "bp"), ("a", 1, "bp"), ("a", 2, "bp")]
+    p = uci._Progress(jobs, dict.fromkeys(jobs, 10.0), workers=1, log=lambda m: None, every=0)
+    p.start()
+    assert p.eta() == 30.0
+    now[0] = 20.0
+    p.finish(jobs[0], 20.0)  # took twice the expected time: the rest is expected to, too
+    assert p.eta() == 40.0
+    now[0] = 50.0  # the second job has run 30 s, three times its expected 10 s
+    assert p.eta() == 30.0  # the machine is 3x slower now: the last job is expected to take 30 s
+    assert "a split 1 bp 30 s of ~20 s" in p.line() and "1/3 done" in p.line()

@@ -759,8 +759,13 @@ class _Progress:
         return self.done_actual / self.done_expected if self.done_expected > 0 else 1.0
 
     def eta(self) -> float:
-        """Seconds left: expected time of the jobs not finished, less what the running ones have done."""
+        """Seconds left: expected time of the jobs not finished, less what the running ones have done.
+
+        A running job already slower than expected (the machine got busier) raises the
+        correction for the rest: the slowest running job's elapsed / expected is a lower bound
+        of the current slow-down."""
         now, c = time.perf_counter(), self.correction()
+        c = max([c] + [(now - t) / self.expected[k] for k, t in self.running.items() if self.expected[k] > 0])
         left = sum(c * self.expected[k] for k in self.pending)
         left += sum(max(c * self.expected[k] - (now - t), 0.0) for k, t in self.running.items())
         return left / self.workers
