@@ -1,8 +1,8 @@
 """Cost of input validation in a training step: ``Gaussian``'s shape check at construction and
 the dtype check of every layer's input (the two checks that run in the hot path).
 
-Two variants of the same BP network run interleaved in one process, step by step, so that
-machine noise hits both alike: ``checked`` (the library as it is) and ``bare`` (``Gaussian``
+Two variants of the same BP network run interleaved in one process, in alternating blocks of
+steps, so that machine noise hits both alike: ``checked`` (the library as it is) and ``bare`` (``Gaussian``
 built by the plain tuple constructor and the dtype check replaced by a no-op, i.e. the code
 before these checks existed). The figure is the ratio of the medians. Both with the per-layer
 value checks on (``check_inputs``, the default) and off (``dualflow.nn.set_checks``).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -201,7 +202,10 @@ def main() -> None:
         f"`{cmd}` (torch {torch.__version__}, CPU, {args.threads} thread; shared machine). Median step "
         "time (forward + loss + KL + backward + Adam) of the library as it is (`checked`: `Gaussian` "
         "checks its shapes at construction, every layer checks its input dtype) against the same code "
-        "without those two checks (`bare`), interleaved step by step in one process.",
+        "without those two checks (`bare`), interleaved in one process in alternating blocks of 10 "
+        f"timed steps ({rows[0]['steps'] if rows else 0} per variant and case), on a machine shared with "
+        "other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end).",
         "",
         "The last columns count the two checks in one step and multiply by their unit cost "
         "(measured in the same run with `timeit`-style loops): the overhead they can add at most, "

@@ -146,3 +146,10 @@ def test_image_classifier_layer_checks_are_explicit():
     assert all(body_checks(wrapped))  # asked to keep them: the body is left as it was
     with pytest.raises(ValueError, match="NaN"):
         wrapped.body(torch.full((2, 1, 8, 8), float("nan")))
+
+
+def test_sequential_leaves_dtype_to_a_foreign_first_module():
+    """A ``torch.nn`` module first (here an embedding of integer tokens) decides its own input dtype."""
+    net = df.nn.Sequential(torch.nn.Embedding(10, 4), df.nn.Linear(4, 2))
+    out = net(torch.tensor([[1, 2], [3, 4]]))
+    assert isinstance(out, df.Gaussian) and out.mean.shape == (2, 2, 2)

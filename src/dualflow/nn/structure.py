@@ -22,8 +22,9 @@ class Sequential(Module, torch.nn.Sequential):
 
     def forward(self, x: Input) -> Input:  # type: ignore[override]
         if self.check_inputs:
-            p = next(self.parameters(), None)
-            check_dtype(split_input(x)[0], None if p is None else p.dtype, "Sequential")
+            if len(self) and isinstance(self[0], Module):  # a torch module first (an Embedding) may want ints
+                p = next(self.parameters(), None)
+                check_dtype(split_input(x)[0], None if p is None else p.dtype, "Sequential")
             check_gaussian(x, "Sequential input")
         for module in self:
             x = module(x)
