@@ -1,6 +1,6 @@
 """Tests of dualflow.graphical: smoothing by backprop equals explicit smoothing (float64).
 
-MATH.md sections 4-5 / the paper's Appendix C: the Rauch-Tung-Striebel smoother and the HMM
+docs/maths.md sections 4-5 / the paper's Appendix C: the Rauch-Tung-Striebel smoother and the HMM
 forward-backward smoother are exactly the gradients of the filter's log-likelihood with
 respect to the filter's own outputs.
 """

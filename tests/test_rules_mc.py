@@ -1,4 +1,4 @@
-"""Every rule of MATH.md section 1 against Monte Carlo (>= 1e6 samples, float64).
+"""Every rule of docs/maths.md section 1 against Monte Carlo (>= 1e6 samples, float64).
 
 Tolerance: ``Z`` standard errors of the MC estimate (SE of the mean ``sqrt(var/N)``; SE
 of the variance ``sqrt((mu4 - var^2)/N)`` from the samples) plus a tiny absolute slack for
@@ -117,6 +117,24 @@ def test_linear_bayes_matches_mc():
     assert_mc(mean[0], var[0], y)
 
 
+def test_algorithm1_linear_variance_misses_the_weight_noise_times_input_variance():
+    """Correction to the paper (docs/maths.md section 7): Algorithm 1's variance of ``W x``,
+    ``A_{mu^2}(v) + A_{sigma^2}(m^2)``, lacks ``A_{sigma^2}(v)``. Against Monte Carlo the printed
+    form is off by far more than the standard error; ``rules.linear`` (with ``m^2 + v``) is not."""
+    g = torch.Generator().manual_seed(4)
+    m = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    v = torch.tensor([1.0, 2.0, 0.5], dtype=D)
+    wm = torch.randn(2, 3, dtype=D, generator=g)
+    wv = torch.rand(2, 3, dtype=D, generator=g) * 0.5 + 0.25
+    y = torch.einsum("noi,ni->no", gauss(wm, wv, N, g), gauss(m, v, N, g))
+    _, mc_var, _, se_v = mc_moments(y)
+    _, var = rules.linear(m[None], v[None], wm, wv)
+    paper = (wm * wm) @ v + wv @ (m * m)
+    assert bool(((var[0] - mc_var).abs() <= Z * se_v).all())
+    assert bool(((paper - mc_var).abs() > 100 * se_v).all())
+    torch.testing.assert_close(var[0] - paper, wv @ v)  # exactly the missing term
+
+
 def test_linear_point_weights_and_deterministic_input():
     g = torch.Generator().manual_seed(4)
     m = torch.randn(4, 5, dtype=D, generator=g)
@@ -219,7 +237,7 @@ def _maxpool_mc(m, v, g):
 
 
 def test_maxpool_clark_tree_accuracy_bound():
-    """A 2x2 window as a tree of pairwise Clark maxima is approximate (MATH.md): assert the
+    """A 2x2 window as a tree of pairwise Clark maxima is approximate (docs/maths.md section 1.3): assert the
     documented accuracy (mean within 0.05 sd, variance within 35%) against MC."""
     g = torch.Generator().manual_seed(10)
     m = torch.randn(1, 3, 4, 4, dtype=D, generator=g)

@@ -1,6 +1,6 @@
 """Exact inference in linear-Gaussian state-space models and hidden Markov models.
 
-This module is the "graphical models" half of the duality (MATH.md sections 4-5, the
+This module is the "graphical models" half of the duality (docs/maths.md sections 4-5, the
 paper's Appendix C): in a chain where exact inference is possible, the *smoother*
 (backward message passing) is the *gradient* of the filter's log-likelihood with
 respect to the filter's own outputs. Each smoother is implemented twice:
@@ -364,7 +364,7 @@ def rts_smoother(
     """Rauch-Tung-Striebel smoother (explicit backward pass after :func:`kalman_filter`).
 
     ``G_t = P_{t|t} F^T P_{t+1|t}^{-1}`` (the gain uses the *predicted* covariance; the
-    paper's Eq. 6 prints ``P_{t+1|L}``, a slip, see MATH.md section 6),
+    paper's Eq. 6 prints ``P_{t+1|L}``, a slip, see docs/maths.md section 7.3),
     ``x_{t|T} = x_{t|t} + G_t (x_{t+1|T} - x_{t+1|t})``,
     ``P_{t|T} = P_{t|t} + G_t (P_{t+1|T} - P_{t+1|t}) G_t^T``.
     Requires ``P_{t+1|t}`` to be positive definite (true when ``Q`` is, or ``F`` is
@@ -408,7 +408,7 @@ def kalman_smoother_by_backprop(
     Zero perturbations ``dx_t`` ``(n,)`` and ``dP_t`` ``(n, n)`` are added to the filtered
     moments ``(x_{t|t}, P_{t|t})`` before the rest of the recursion consumes them. One
     reverse-mode pass gives ``g_t = d loglik / d dx_t`` and ``G_t = d loglik / d dP_t``;
-    then (MATH.md section 4, the paper's Eq. 7 / Theorem 3)::
+    then (docs/maths.md section 4, the paper's Eq. 7 / Theorem 3)::
 
         G_t <- (G_t + G_t^T) / 2       # autodiff treats the entries of P as independent
         d_t = P_{t|t} g_t
@@ -664,7 +664,7 @@ def hmm_smoother_by_backprop(
     create_graph: bool | None = None,
     validate: bool = True,
 ) -> Tensor:
-    """HMM smoother computed as the gradient of ``log p(y)`` (Theorem 4, MATH.md section 5).
+    """HMM smoother computed as the gradient of ``log p(y)`` (Theorem 4, docs/maths.md section 5.2).
 
     The filtered distribution at each ``t`` is re-parameterised as
     ``softmax(log alpha_t + delta_t)`` and consumed by the rest of the recursion; at

@@ -1,6 +1,6 @@
 """Moment rules: pure functions mapping input moments to output moments.
 
-Every rule of ``docs/MATH.md`` section 1 (the paper's Algorithm 1, "filtering"), grouped
+Every rule of docs/maths.md section 1 (the paper's Algorithm 1, "filtering"), grouped
 by the assumption it makes:
 
 * structural ops (reshape, concat, pad, ...) are exact and live on :class:`~dualflow.Gaussian`;
@@ -18,10 +18,10 @@ variance map of the input (a saving, not an approximation).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -31,6 +31,8 @@ from torch import Tensor
 
 __all__ = [
     "avg_pool2d",
+    "compile_enabled",
+    "compiled_kernels",
     "conv",
     "elementwise_gh",
     "elementwise_taylor",
@@ -55,11 +57,12 @@ class _Kernel:
 
     The closed-form rules chain 20-30 element-wise ops; eagerly each one is a pass over
     memory, compiled they fuse into one loop (5x faster on a 2M-element CPU map, measured).
-    Compilation is opt-in (:func:`enable_compile`, or ``DUALFLOW_COMPILE=1``) because it
-    needs a C++ compiler (CPU) or Triton (GPU) and costs ~30 s on first use.
+    Compilation is opt-in, only by an explicit call (:func:`compiled_kernels`, a context
+    manager, or :func:`enable_compile`; no environment variable is read), because it needs a
+    C++ compiler (CPU) or Triton (GPU) and costs ~30 s on first use.
     """
 
-    enabled: bool = os.environ.get("DUALFLOW_COMPILE", "0") == "1"
+    enabled: bool = False
 
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]]) -> None:
         self.fn = fn
@@ -74,17 +77,44 @@ class _Kernel:
         return self.compiled(*args)
 
 
-def enable_compile(enabled: bool = True) -> None:
+def enable_compile(enabled: bool = True) -> bool:
     """Run the fused element-wise kernels (ReLU and Clark-max moments and their analytic
-    backward passes) through ``torch.compile``. Same results to float rounding."""
+    backward passes) through ``torch.compile`` from now on (process-wide; prefer
+    :func:`compiled_kernels`, which restores the previous mode). Same results to float
+    rounding. Returns the previous setting."""
+    previous = _Kernel.enabled
     _Kernel.enabled = bool(enabled)
+    return previous
+
+
+def compile_enabled() -> bool:
+    """Whether the fused element-wise kernels currently run through ``torch.compile``."""
+    return _Kernel.enabled
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool = True) -> Iterator[None]:
+    """Context manager: the fused element-wise kernels run through ``torch.compile`` (or, with
+    ``enabled=False``, eagerly) inside the block; the previous mode is restored on exit, also on
+    an exception. Process-wide (not per thread), like every ``torch`` backend flag.
+
+    Example::
+
+        with dualflow.rules.compiled_kernels():
+            train(...)
+    """
+    previous = enable_compile(enabled)
+    try:
+        yield
+    finally:
+        _Kernel.enabled = previous
 
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def var_floor(dtype: torch.dtype) -> float:
-    """Smallest variance used before ``sqrt``/division (MATH.md section 1, notes).
+    """Smallest variance used before ``sqrt``/division (docs/maths.md section 1.6).
 
     Chosen so that ``1/sqrt(floor)`` and ``m/floor`` stay far from overflow.
     """
@@ -115,7 +145,7 @@ def linear(
     """Moments of ``y = x W^T + b`` for independent Gaussian ``x``, ``W``, ``b``.
 
     Mean ``m W_mu^T + b_mu``; variance ``v (W_mu^2)^T + (m^2 + v)(W_var)^T + b_var``
-    (MATH.md section 1; the paper's Algorithm 1 omits the ``W_var v`` term). The two
+    (docs/maths.md section 1.1; the paper's Algorithm 1 omits the ``W_var v`` term: section 7.1). The two
     variance maps run as one matmul over a doubled inner dimension.
 
     Args:
@@ -268,7 +298,7 @@ def _relu_backward(
 
 
 def relu(m: Tensor, v: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
-    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (MATH.md section 1).
+    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (docs/maths.md section 1.2).
 
     ``mean = m Phi(a) + s phi(a)``, ``var = (m^2 + v) Phi(a) + m s phi(a) - mean^2`` with
     ``s = sqrt(v)``, ``a = m / s``, computed in a cancellation-free form and clamped at 0.
@@ -454,7 +484,7 @@ def max_pool2d_clark(
 ) -> tuple[Tensor, Tensor]:
     """Max pooling by a tree of pairwise Clark maxima (each intermediate max treated as Gaussian).
 
-    Approximate for windows of more than 2 elements (MATH.md section 1, notes). Padded
+    Approximate for windows of more than 2 elements (docs/maths.md section 1.3). Padded
     positions are ignored (as ``-inf`` padding would be).
     """
     h, w = m.shape[-2:]
@@ -566,7 +596,7 @@ def layer_norm(
     bias: Tensor | None,
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor | None]:
-    """LayerNorm with the statistics of the mean (MATH.md section 1, notes).
+    """LayerNorm with the statistics of the mean (docs/maths.md section 1.5).
 
     ``m' = g (m - mean(m)) / sqrt(var(m) + eps) + b``, ``v' = v g^2 / (var(m) + eps)``: the
     statistics are taken over the means only (treated as deterministic in the variance

@@ -1,6 +1,6 @@
 """Smoothing by backpropagation: the posterior over hidden activations given the label.
 
-Theorems 1-2 of the paper (MATH.md section 4): treat a layer's output moments
+Theorems 1-2 of the paper (docs/maths.md section 4): treat a layer's output moments
 ``(m_l, v_l)`` as free inputs of the rest of the network, let
 ``g_m = d log p(y|x) / d m_l`` and ``g_v = d log p(y|x) / d v_l`` (one autodiff pass), then
 

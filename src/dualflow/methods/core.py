@@ -263,8 +263,8 @@ class BPMethod(Method):
     """``bp``: deterministic belief propagation (the paper's Algorithm 1).
 
     One forward pass propagates every activation's mean and variance through the
-    mean-field Gaussian network (MATH.md section 1); the loss is the marginal NLL of the
-    output moments (MATH.md section 2: :func:`~dualflow.losses.gaussian_nll` with
+    mean-field Gaussian network (docs/maths.md section 1); the loss is the marginal NLL of the
+    output moments (docs/maths.md section 2.1: :func:`~dualflow.losses.gaussian_nll` with
     ``objective="predictive"`` by default, or ``"elbo"``; :func:`~dualflow.losses.categorical_nll`
     with the probit approximation for classification) plus ``KL/N``; gradients by autodiff
     (backprop = smoothing, Theorems 1-2). Adam (``TrainConfig.optimizer``) by default.
@@ -289,7 +289,7 @@ class BPNGMethod(BPMethod):
     """``bp-ng``: BP with the natural-gradient optimizer (the paper's "BP/NF + NG").
 
     Same model and loss as ``bp``; the Gaussian weights are updated by
-    :class:`dualflow.optim.NaturalGradient` (MATH.md section 3, Appendix D), point parameters
+    :class:`dualflow.optim.NaturalGradient` (docs/maths.md section 3, Appendix D), point parameters
     (the noise variance, normalisation weights) by Adam with ``TrainConfig.lr``.
 
     Options: ``objective``; ``ng_lr`` (default 0.1), ``ng_betas`` (default ``(0.9, 0.1)``),
@@ -358,7 +358,7 @@ class SamplingMethod(Method):
 
     The loss is the ELBO: the expected NLL under ``q``, estimated from ``train_samples``
     forward passes with sampled weights (one by default), plus the closed-form ``KL/N``
-    (MATH.md section 2; Blundell et al. used a sampled KL, the closed form has less
+    (docs/maths.md section 2.3; Blundell et al. used a sampled KL, the closed form has less
     variance). The predictive averages ``S`` sampled passes.
 
     Options: ``train_samples`` (forward passes per mini-batch).

@@ -1,6 +1,6 @@
 """Moment-propagating modules: each ``forward`` maps a :class:`dualflow.Gaussian` to a Gaussian.
 
-Every row of MATH.md section 1. Layers with weights hold mean-field Gaussian weights
+Every rule of docs/maths.md section 1. Layers with weights hold mean-field Gaussian weights
 (``bayes=True``, default) or point weights; :func:`kl` sums KL(q || p) over a model.
 """
 

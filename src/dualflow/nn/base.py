@@ -11,7 +11,16 @@ from torch import Tensor
 
 from dualflow.gaussian import Gaussian, check_gaussian
 
-__all__ = ["PROPAGATIONS", "BayesLayer", "Module", "kl", "kl_normal", "set_checks", "split_input"]
+__all__ = [
+    "PROPAGATIONS",
+    "BayesLayer",
+    "Module",
+    "check_dtype",
+    "kl",
+    "kl_normal",
+    "set_checks",
+    "split_input",
+]
 
 Input = Tensor | Gaussian
 
@@ -37,8 +46,10 @@ class Module(torch.nn.Module):
     randomness, a plain tensor comes out, so point networks cost no more than ``torch.nn``.
 
     ``check_inputs`` (default ``True``) makes parametrised layers and containers validate
-    their inputs (shapes, NaN/inf, negative variances) with a clear ``ValueError``; it costs
-    one device synchronisation per check. Turn it off with :func:`set_checks`.
+    their inputs (dtype, see :func:`check_dtype`; shapes, NaN/inf, negative variances) with a
+    clear ``ValueError``; it costs one device synchronisation per check. Turn it off with
+    :func:`set_checks` (a model then validates nothing unless it checks at its own boundary,
+    as :class:`dualflow.models.ImageClassifier` does).
     """
 
     check_inputs: bool = True
@@ -46,6 +57,27 @@ class Module(torch.nn.Module):
     def kl(self) -> Tensor:
         """KL(q || p) summed over every mean-field Gaussian parameter in this module tree."""
         return kl(self)
+
+
+def check_dtype(x: Tensor, expected: torch.dtype | None, name: str) -> None:
+    """The dtype policy of every module: inputs are never cast, a mismatch is a ``ValueError``.
+
+    ``x`` must be floating point (an integer or boolean tensor is data that still needs
+    converting, e.g. uint8 images, which a silent cast would feed in unnormalised) and, unless
+    autocast is on for its device, of the parameters' dtype ``expected`` (a float64 input to a
+    float32 model would otherwise be rounded silently, or fail deep inside torch). No device
+    synchronisation. ``expected=None`` (no parameters) checks only the first rule.
+    """
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point input, got {x.dtype}; convert it first "
+            "(x.float(); uint8 images: scale them, e.g. ImageData.normalize)"
+        )
+    if expected is not None and x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"{name}: input dtype {x.dtype} differs from the parameters' dtype {expected}: convert the "
+            f"input (x.to({expected})) or the model (model.to({x.dtype}))"
+        )
 
 
 def set_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
@@ -57,7 +89,7 @@ def set_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 
 def kl_normal(mean: Tensor, var: Tensor, prior_var: float | Tensor) -> Tensor:
-    """``sum KL(N(mean, var) || N(0, prior_var))`` (MATH.md section 2):
+    """``sum KL(N(mean, var) || N(0, prior_var))`` (docs/maths.md section 2.3):
     ``0.5 (var/s0 + mean^2/s0 - 1 - log(var/s0))`` summed over all elements."""
     r = var / prior_var
     return 0.5 * (r + mean * mean / prior_var - 1.0 - torch.log(r)).sum()
@@ -97,7 +129,7 @@ class BayesLayer(Module):
     """Mixin for layers with mean-field Gaussian weights ``W ~ N(mu, sigma^2)``.
 
     Parameterisation: ``weight_mu`` and ``weight_rho`` with ``sigma = softplus(rho)``
-    (MATH.md section 2), likewise for the bias. ``bayes=False`` keeps only the means (a
+    (docs/maths.md section 2.3), likewise for the bias. ``bayes=False`` keeps only the means (a
     point network). Prior ``N(0, prior_var)`` on every weight and bias.
 
     Initialisation ("He second-moment rule"): ``E[mu^2] + sigma^2 = gain^2 / fan_in`` with
@@ -271,6 +303,7 @@ class BayesLayer(Module):
         m = x.mean if isinstance(x, Gaussian) else x
         if not isinstance(m, Tensor):
             raise TypeError(f"{type(self).__name__}: expected a Tensor or Gaussian, got {type(x).__name__}")
+        check_dtype(m, self.weight_mu.dtype, type(self).__name__)
         if m.dim() < min_ndim or m.shape[axis] != expect_dim:
             raise ValueError(
                 f"{type(self).__name__}: expected input with {expect_dim} features on axis {axis} "

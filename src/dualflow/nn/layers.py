@@ -20,7 +20,7 @@ _DEFAULT_GAIN = math.sqrt(2.0)
 class Linear(BayesLayer):
     """``y = x W^T + b`` with ``W ~ N(mu, sigma^2)`` element-wise (``bayes=True``) or point weights.
 
-    Moments by :func:`dualflow.rules.linear` (MATH.md section 1). Input ``(..., in_features)``,
+    Moments by :func:`dualflow.rules.linear` (docs/maths.md section 1.1). Input ``(..., in_features)``,
     output ``(..., out_features)``. A plain-tensor input skips the input-variance map.
 
     Args:
