@@ -288,8 +288,12 @@ def _kf_forward(
             chols.append(L)
             whitened.append(w)
         if dxs is not None and dPs is not None:
-            x = x + dxs[t]
-            P = P + dPs[t]
+            if torch.is_grad_enabled():
+                x = x + dxs[t]
+                P = P + dPs[t]
+            else:  # x and P are fresh here; no graph to keep intact
+                x = x.add_(dxs[t])
+                P = P.add_(dPs[t]) if P.shape == dPs[t].shape else P + dPs[t]
         means.append(x)
         covs.append(P)
     return _FilterPass(means, covs, pmeans, pcovs, loglik, contractions, chols, whitened)
@@ -436,30 +440,37 @@ def _filter_adjoint(mdl: _LGSSM, fp: _FilterPass) -> tuple[Tensor, Tensor]:
     B, n = fp.means[0].shape
     g = fp.means[0].new_zeros(B, n)
     lam = torch.zeros_like(fp.covs[-1])
-    gs, lams = [g], [lam]
-    if T > 1:
-        # per-step factors of t = 1..T-1, stacked on a time axis after the batch axis; no
-        # recursion in them, so they are a few large products instead of T small ones
-        Ls = torch.stack(fp.chols[1:], dim=-3)  # (.., T-1, m, m)
+    gs, lams = [g], [lam]  # from t = T-1 down to 0
+    chunk = _chunk_len(fp.covs[-1], B)
+    hi = T
+    while hi > 1:
+        # the per-step factors of steps lo..hi-1 have no recursion in them: a few batched
+        # products per chunk of steps (chunks sized to stay in cache; few ops per step)
+        lo = max(1, hi - chunk)
+        Ls = torch.stack(fp.chols[lo:hi], dim=-3)  # (.., C, m, m)
         V = torch.linalg.solve_triangular(Ls, H.unsqueeze(-3).expand(*Ls.shape[:-1], n), upper=False)
-        r = (torch.stack(fp.whitened[1:], dim=1).unsqueeze(-2) @ V).squeeze(-2)  # H^T S^-1 e, (B, T-1, n)
+        r = (torch.stack(fp.whitened[lo:hi], dim=1).unsqueeze(-2) @ V).squeeze(-2)  # H^T S^-1 e, (B, C, n)
         rho = r @ F  # (F^T r_t)^T
-        W = _right_mul(V, F)  # L^-1 H F, (.., T-1, m, n)
-        half_n = 0.5 * (W.mT @ W)  # F^T M F / 2, exactly symmetric
-        phi = _right_mul(torch.stack(fp.contractions[1:], dim=-3), F)  # Phi = A F
+        W = _right_mul(V, F)  # L^-1 H F, (.., C, m, n)
+        half_n = (W.mT @ W).mul_(0.5)  # F^T M F / 2, exactly symmetric
+        phi = _right_mul(torch.stack(fp.contractions[lo:hi], dim=-3), F)  # Phi = A F
         rho_t, n_t, p_t = rho.unbind(-2), half_n.unbind(-3), phi.unbind(-3)
-        g, lam = rho_t[-1], -n_t[-1]
-        gs.append(g)
-        lams.append(lam)
-        for k in range(T - 3, -1, -1):
+        for k in range(hi - lo - 1, -1, -1):
             pt = p_t[k]
             g = (g.unsqueeze(-2) @ pt).squeeze(-2) + rho_t[k]
             lam = pt.mT @ lam @ pt - n_t[k]
             gs.append(g)
             lams.append(lam)
+        hi = lo
     g_all = torch.stack(gs[::-1], dim=1)
     lam_all = torch.stack(lams[::-1], dim=-3)
     return g_all, lam_all
+
+
+def _chunk_len(cov: Tensor, B: int) -> int:
+    """Time steps per chunk of batched per-step work: about 1 MiB per (B, n, n) array."""
+    n = cov.shape[-1]
+    return max(1, (1 << 20) // (B * n * n * cov.element_size()))
 
 
 def _right_mul(x: Tensor, f: Tensor) -> Tensor:
@@ -495,9 +506,14 @@ class _FilterLogLik(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_ll: Tensor, _gx: Tensor, _gP: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         g, lam = _filter_adjoint(ctx.mdl, ctx.fp)
-        c = g_ll.reshape(-1, 1, 1)
-        G = lam + 0.5 * g.unsqueeze(-1) * g.unsqueeze(-2)  # G_t = Lam_t + g_t g_t^T / 2
-        return g * c, G * c.unsqueeze(-1), None
+        B, T, n = g.shape
+        # G_t = Lam_t + g_t g_t^T / 2, in place (one pass over the largest array)
+        G = lam if lam.dim() == 4 else lam.expand(B, T, n, n).contiguous()
+        G.view(B * T, n, n).baddbmm_(g.reshape(B * T, n, 1), g.reshape(B * T, 1, n), alpha=0.5)
+        if not bool((g_ll == 1.0).all()):  # loglik.sum() (the smoother) needs no scaling
+            c = g_ll.reshape(B, 1, 1)
+            g, G = g * c, G.mul_(c.unsqueeze(-1))
+        return g, G, None
 
 
 def _any_requires_grad(ts: Sequence[Tensor]) -> bool:
@@ -585,10 +601,19 @@ def kalman_smoother_by_backprop(
         else:
             g = G = None
         g = torch.zeros_like(dx) if g is None else g
-        G = torch.zeros_like(dP) if G is None else _sym(G)
+        G = torch.zeros_like(dP) if G is None else G
         d = _mv(P, g)
         means = x + d
-        covs = _sym(P + 2.0 * P @ G @ P - d.unsqueeze(-1) * d.unsqueeze(-2))
+        # P + 2 P G P - d d^T in chunks of time steps (cache-sized; the products are the
+        # cost for large n)
+        chunk = _chunk_len(P, B)
+        covs = torch.cat(
+            [
+                _sym(Pc + 2.0 * Pc @ _sym(Gc) @ Pc - dc.unsqueeze(-1) * dc.unsqueeze(-2))
+                for Pc, Gc, dc in zip(P.split(chunk, 1), G.split(chunk, 1), d.split(chunk, 1))
+            ],
+            dim=1,
+        )
     if not create_graph:
         means, covs = means.detach(), covs.detach()
     return _unbatch(mdl.batched, means, covs)  # type: ignore[return-value]
