@@ -109,9 +109,8 @@ class BTNet(nn.Module):
         if arch == "mlp":
             self.layers = nn.ModuleList([lin(784, 400), lin(400, 400), lin(400, 10)])
         else:
-            self.layers = nn.ModuleList(
-                [conv(3, 32, 3, padding=1), conv(32, 64, 3, padding=1), conv(64, 64, 3, padding=1), lin(64, 10)]
-            )
+            convs = [conv(3, 32, 3, padding=1), conv(32, 64, 3, padding=1), conv(64, 64, 3, padding=1)]
+            self.layers = nn.ModuleList([*convs, lin(64, 10)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kl = x.new_zeros(())

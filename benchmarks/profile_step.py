@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import dualflow as df
 from dualflow import rules
 from dualflow.gaussian import Gaussian
-from dualflow.nn.base import BayesLayer
+from dualflow.nn.base import BayesLayer, kl_normal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import cnn_builder, mlp_builder
@@ -105,19 +105,21 @@ def components(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt) ->
                 r = _leaf(rho)
                 comps["variances"].append(_fwd_bwd(lambda r=r: F.softplus(r).square()))
                 m_, v_ = _leaf(mu), _leaf(F.softplus(rho).square())
-                comps["kl"].append(
-                    _fwd_bwd(lambda m_=m_, v_=v_, s0=mod.prior_var: df.nn.base.kl_normal(m_, v_, s0) / N_TRAIN)
-                )
+                s0 = mod.prior_var
+                comps["kl"].append(_fwd_bwd(lambda m_=m_, v_=v_, s0=s0: kl_normal(m_, v_, s0) / N_TRAIN))
             m, v = split(inp)
             wm, wv = _leaf(mod.weight_mu), _leaf(mod.weight_var)
             bm = _leaf(mod.bias_mu) if mod.bias_mu is not None else None
             bv = _leaf(mod.bias_var) if mod.bias_mu is not None else None
             if isinstance(mod, df.nn.Linear):
                 comps["mean maps"].append(_fwd_bwd(lambda m=m, wm=wm, bm=bm: F.linear(m, wm, bm)))
-                full = _fwd_bwd(lambda m=m, v=v, wm=wm, wv=wv, bm=bm, bv=bv: rules.linear(m, v, wm, wv, bm, bv))
+                full = _fwd_bwd(
+                    lambda m=m, v=v, wm=wm, wv=wv, bm=bm, bv=bv: rules.linear(m, v, wm, wv, bm, bv)
+                )
             else:
                 kw = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
-                comps["mean maps"].append(_fwd_bwd(lambda m=m, wm=wm, bm=bm, kw=kw: F.conv2d(m, wm, bm, **kw)))
+                mean_map = _fwd_bwd(lambda m=m, wm=wm, bm=bm, kw=kw: F.conv2d(m, wm, bm, **kw))
+                comps["mean maps"].append(mean_map)
                 full = _fwd_bwd(
                     lambda m=m, v=v, wm=wm, wv=wv, bm=bm, bv=bv, kw=kw: rules.conv(m, v, wm, wv, bm, bv, **kw)
                 )
@@ -290,7 +292,8 @@ def main() -> int:
         ]
         for r in rows:
             md.append(
-                f"| `{r['op']}` | {r['calls_per_step']:.0f} | {r['self_ms_per_step']:.2f} | {100 * r['share']:.1f}% |"
+                f"| `{r['op']}` | {r['calls_per_step']:.0f} | {r['self_ms_per_step']:.2f} "
+                f"| {100 * r['share']:.1f}% |"
             )
     md.append("")
     out.with_suffix(".md").write_text("\n".join(md))
