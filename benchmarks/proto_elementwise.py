@@ -15,7 +15,9 @@ in one process, interleaved round by round, medians:
     same network, not the same numbers);
   - ``in-place Clark``: Clark's max with in-place forward/backward kernels (this file's
     prototype, bitwise equal to ``rules._max2_forward`` / ``rules._max2_backward``);
-  - both rewrites together.
+  - both rewrites together, and with a one-``erfc`` Clark forward;
+  - ``floor``: average-pool moments in place of Clark's max (a different network: the cost
+    the step would have if max-pooling were as cheap as average pooling).
 
 * an op-level split of one BP predictive pass (``torch.profiler``).
 
@@ -98,6 +100,41 @@ def max2_backward_inplace(g_mu, g_var, m1, v1, m2, v2, mu) -> tuple[Tensor, Tens
     return g_m1, g_v1, g_m2, g_v2
 
 
+def max2_forward_erfc(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+    """As :func:`max2_forward_inplace` but ``Phi(-a) = erfc(a / sqrt 2) / 2`` (one transcendental,
+    accurate in the upper tail, where ``ndtr(-a)`` cancels) and ``Phi(a) = 1 - Phi(-a)``
+    (``a >= 0``, so nothing cancels). Not bitwise the library's: a candidate for "moments"."""
+    first = m1 >= m2
+    ma = torch.maximum(m1, m2)
+    va = torch.where(first, v1, v2)
+    del first
+    th2 = torch.add(v1, v2).clamp_min_(rules.var_floor(m1.dtype))
+    vb = torch.sub(th2, va)
+    th = th2.sqrt_()
+    d = torch.sub(m1, m2).abs_()
+    a = torch.div(d, th).clamp_max_(rules._relu_tail(m1.dtype))
+    ccdf = torch.mul(a, 0.7071067811865476).erfc_().mul_(0.5)
+    cdf = torch.rsub(ccdf, 1.0)
+    pdf = a.mul_(-0.5).mul_(torch.div(d, th).clamp_max_(rules._relu_tail(m1.dtype))).exp_().mul_(_K)
+    shift = torch.mul(th, pdf).sub_(torch.mul(d, ccdf))
+    second = va.mul_(cdf).add_(torch.mul(d, d).add_(vb).mul_(ccdf)).sub_(d.mul_(th).mul_(pdf))
+    var = second.sub_(torch.mul(shift, shift)).clamp_min_(0.0)
+    return ma.add_(shift), var
+
+
+class _Max2Erfc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m1, v1, m2, v2):  # type: ignore[override]
+        mean, var = max2_forward_erfc(m1, v1, m2, v2)
+        ctx.save_for_backward(m1, v1, m2, v2, mean)
+        return mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mu, g_var):  # type: ignore[override]
+        return max2_backward_inplace(g_mu, g_var, *ctx.saved_tensors)
+
+
 class _Max2InPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, m1, v1, m2, v2):  # type: ignore[override]
@@ -112,19 +149,21 @@ class _Max2InPlace(torch.autograd.Function):
 
 
 class ClarkPool2x2InPlace(df.nn.MaxPool2d):
-    """2x2 / stride-2 Clark max-pool (the library's pairwise tree) with the in-place kernels."""
+    """2x2 / stride-2 Clark max-pool (the library's pairwise tree) with the in-place kernels
+    (``erfc=True``: the one-erfc forward of :func:`max2_forward_erfc`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, erfc: bool = False) -> None:
         super().__init__(2)
+        self.fn = _Max2Erfc.apply if erfc else _Max2InPlace.apply
 
     def forward(self, x):
         if not isinstance(x, Gaussian):
             return super().forward(x)
         m, v = x
         q = [(m[..., i::2, j::2], v[..., i::2, j::2]) for i in range(2) for j in range(2)]
-        a = _Max2InPlace.apply(*q[0], *q[1])
-        b = _Max2InPlace.apply(*q[2], *q[3])
-        return Gaussian(*_Max2InPlace.apply(*a, *b))
+        a = self.fn(*q[0], *q[1])
+        b = self.fn(*q[2], *q[3])
+        return Gaussian(*self.fn(*a, *b))
 
 
 class _ReLUOldKernels(torch.autograd.Function):
@@ -165,6 +204,10 @@ def check_bitwise() -> dict:
         gm, gv = torch.randn(2, n, generator=g, dtype=torch.float64).to(dt)
         refb = rules._max2_backward.fn(gm, gv, m1, v1, m2, v2, ref[0])
         gotb = max2_backward_inplace(gm, gv, m1, v1, m2, v2, ref[0])
+        erf_v = max2_forward_erfc(m1, v1, m2, v2)
+        out[str(dt) + " one-erfc vs library, max |diff| / max |library|"] = [
+            float((a - b).abs().max() / b.abs().max()) for a, b in zip(erf_v, ref)
+        ]
         out[str(dt)] = {
             "forward_equal": [bool(torch.equal(a, b)) for a, b in zip(got, ref)],
             "forward_max_rel_diff": [
@@ -177,7 +220,7 @@ def check_bitwise() -> dict:
 
 
 # ----------------------------------------------------------------------------- networks
-def builder(pool_first: bool, clark_inplace: bool, old_relu: bool):
+def builder(pool_first: bool, clark_inplace: bool | str, old_relu: bool):
     dn = df.nn
 
     def build(bayes: bool, dropout: float = 0.0) -> torch.nn.Module:
@@ -185,7 +228,9 @@ def builder(pool_first: bool, clark_inplace: bool, old_relu: bool):
             return ReLUOldKernels() if old_relu else dn.ReLU()
 
         def pool():
-            return ClarkPool2x2InPlace() if clark_inplace else dn.MaxPool2d(2)
+            if clark_inplace == "avg":  # cost floor only: exact average-pool moments
+                return dn.AvgPool2d(2)
+            return ClarkPool2x2InPlace(erfc=clark_inplace == "erfc") if clark_inplace else dn.MaxPool2d(2)
 
         def block(cin, cout):
             conv = dn.Conv2d(cin, cout, 3, padding=1, bayes=bayes)
@@ -209,6 +254,9 @@ VARIANTS = {
     "in-place Clark": (False, True, False),
     "pool before ReLU": (True, False, False),
     "pool before ReLU + in-place Clark": (True, True, False),
+    "pool before ReLU + in-place one-erfc Clark": (True, "erfc", False),
+    # not the same network: what the step would cost if max-pooling were as cheap as avg-pooling
+    "floor: pool before ReLU, avg-pool moments instead of Clark": (True, "avg", False),
 }
 
 
@@ -369,6 +417,8 @@ def main() -> int:
         "In-place Clark kernels vs `rules._max2_forward`/`_max2_backward` (50,000 random inputs): "
         + "; ".join(
             f"{k}: forward equal {v['forward_equal']}, backward equal {v['backward_equal']}"
+            if isinstance(v, dict)
+            else f"{k}: {v}"
             for k, v in bits.items()
         ),
         "",
