@@ -559,7 +559,7 @@ def kalman_smoother_by_backprop(
             of derivatives; needed for ``create_graph=True``). ``"closed_form"``: the filter
             is one :class:`torch.autograd.Function` whose backward is the step's VJP written
             out (:func:`_filter_adjoint`, the Bryson-Frazier recursion); the same gradient
-            to rounding (tested against ``"autograd"`` and by ``gradcheck``), 3-4x cheaper,
+            to rounding (tested against ``"autograd"`` and by ``gradcheck``), 3-6x cheaper,
             first order only. Default: ``"autograd"`` if ``create_graph`` else
             ``"closed_form"``.
 
