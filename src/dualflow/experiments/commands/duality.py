@@ -212,7 +212,7 @@ def kalman_rows(args: argparse.Namespace) -> list[Row]:
     for seed in range(args.seeds):
         model = random_lgssm(n, m, T, seed=seed, dtype=dtype, device=args.device)
         xs, Ps = gm.rts_smoother(*model)
-        xb, Pb = gm.kalman_smoother_by_backprop(*model)
+        xb, Pb = gm.kalman_smoother_by_backprop(*model, vjp="autograd")  # the duality: torch autodiff
         mean.add(xb, xs)
         cov.add(Pb, Ps)
         if brute:
@@ -408,7 +408,7 @@ def plot_tracking(path: str, dtype: torch.dtype = torch.float64, device: str = "
     model = [ex[k] for k in ("z", "F", "H", "Q", "R", "x0", "P0")]
     xf, Pf, _ = gm.kalman_filter(*model)
     xs, Ps = gm.rts_smoother(*model)
-    xb, Pb = gm.kalman_smoother_by_backprop(*model)
+    xb, Pb = gm.kalman_smoother_by_backprop(*model, vjp="autograd")
     t = torch.arange(ex["z"].shape[0]).numpy()
 
     def pos(x, P):
