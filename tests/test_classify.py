@@ -160,6 +160,31 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path):
         C.train_and_evaluate(C.ClassifyConfig(**{**kw, "lr": 0.5}), tmp_path / "a", resume=True, log=None)
 
 
+def test_runner_restores_modes_and_names_a_bad_checkpoint(mnist_dir, tmp_path, capsys):
+    """The runner's thread count (and TF32 on CUDA) apply to the run only; a truncated
+    checkpoint under --resume is one clear error naming the file."""
+    argv = ["classify", "--dataset", "mnist", "--arch", "mlp", "--method", "bp", "--epochs", "1", *TINY]
+    argv += ["--data-dir", str(mnist_dir), "--threads", "1", "--quiet", "--workdir", str(tmp_path / "wd")]
+    torch.set_num_threads(2)
+    tf32 = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    assert main([*argv, "--out", str(tmp_path / "r.json"), "--stop-after-steps", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    assert (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    ) == tf32
+    ck = tmp_path / "wd" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    assert main([*argv, "--out", str(tmp_path / "r.json"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable checkpoint" in err and str(ck) in err and "Traceback" not in err
+
+
 def test_loop_data_term_is_the_method_loss_and_mixes_targets():
     """The step's data term (the loop's Objective, used by classify) is the method's own loss of
     its training passes; with mixed targets it is lam J(y_a) + (1 - lam) J(y_b)."""
@@ -335,3 +360,13 @@ def test_report_hook_for_dualflow_report(table1_runs, tmp_path):
     add_arguments(p)
     args = p.parse_args(["--results", str(table1_runs[0]), "--out", str(tmp_path / "R.md")])
     assert run(args) == 0 and "BP/NF+NG" in (tmp_path / "R.md").read_text()
+
+
+def test_progress_bars_inside_epochs_and_evaluations(mnist_dir, tmp_path, capsys):
+    argv = ["classify", "--dataset", "mnist", "--arch", "mlp", "--method", "vanilla", "--epochs", "1", *TINY]
+    argv += ["--val", "64", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    for bar in ("train:", "validation:", "test:"):  # tqdm bars on stderr
+        assert bar in captured.err, bar
+    assert "epoch   1/1" in captured.out and "test: error" in captured.out
