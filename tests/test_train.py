@@ -392,3 +392,28 @@ def test_amp_training_restores_the_model():
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in model.modules())
     assert all(torch.isfinite(torch.tensor(hist["loss"])))
     assert df.train.predict(model, x).mean.dtype == torch.float32
+
+
+def test_device_side_sums_give_the_same_records_and_check_at_intervals(monkeypatch):
+    """On an accelerator the running sums stay on the device and NaN is checked every
+    ``check_every`` steps (no host sync per step); forced here on the CPU: the same records."""
+    from dualflow.train import loop
+
+    x, y = _data(48)
+    cfg = TrainConfig(epochs=2, batch_size=8, progress=False, check_every=4)
+    h_host = fit(_model(), df.losses.GaussianLikelihood(1.0), (x, y), cfg)
+    monkeypatch.setattr(loop, "_host_sums", lambda device: False)
+    h_dev = fit(_model(), df.losses.GaussianLikelihood(1.0), (x, y), cfg)
+    for a, b in zip(h_host, h_dev):
+        for k in ("loss", "nll", "kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-12), k
+    calls = {"n": 0}
+
+    def step(model, xb, yb):  # a loss without its own NaN checks
+        calls["n"] += 1
+        j = ((model(xb).mean - yb) ** 2).mean()
+        return j * float("nan") if calls["n"] == 2 else j
+
+    model = dnn.set_checks(_model(), False)  # (else the next step's input check fires first)
+    with pytest.raises(FloatingPointError, match="epoch 1, between steps 0 and 4"):
+        fit(model, None, (x, y), cfg, step_fn=step)

@@ -222,6 +222,11 @@ class _Run:
         return rec
 
 
+def _host_sums(device: torch.device) -> bool:
+    """Keep the running sums on the host (Python floats): on the CPU only."""
+    return device.type == "cpu"
+
+
 class _Sums:
     """The epoch's running sums: ``sum bs J``, ``sum bs KL``, examples, metric sums, seconds.
 
@@ -231,7 +236,7 @@ class _Sums:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.host = device, device.type == "cpu"
+        self.device, self.host = device, _host_sums(device)
         self.vec = torch.zeros(2, dtype=torch.float64, device=device)
         self.reset()
 
