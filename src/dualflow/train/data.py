@@ -78,6 +78,9 @@ class BatchSource:
                 "train data must be a (inputs, targets) tuple of tensors, a torch Dataset, or a loader "
                 "(an iterable of (x, y) batches with __len__)"
             )
+        self._full = None
+        if isinstance(data, tuple) and self.num_batches == 1 and int(data[1].shape[0]) <= self.batch_size:
+            self._full = (data[0].to(device), data[1].to(device))  # moved once, not every epoch
         if self.num_batches < 1:
             raise ValueError(
                 "train data gives no batch per epoch (fewer examples than batch_size with drop_last)"
@@ -88,10 +91,10 @@ class BatchSource:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         data, dev, bs = self.data, self.device, self.batch_size
-        if isinstance(data, tuple) and self.num_batches == 1 and int(data[1].shape[0]) <= bs:
+        if self._full is not None:
             # one full batch: its mean loss does not depend on the order, so skip the shuffle
             if start == 0:
-                yield data[0].to(dev), data[1].to(dev)
+                yield self._full
         elif isinstance(data, tuple):
             x, y = data
             perm = torch.randperm(int(y.shape[0]), generator=self._generator(epoch))

@@ -218,7 +218,8 @@ class _Run:
             "lr": self.opt.param_groups[0]["lr"],
             "seconds": self.sums.seconds,
         }
-        rec.update({k: v / c for k, v in zip(names, tot[3:])})
+        if names:
+            rec.update({k: v / c for k, v in zip(names, tot[3:])})
         return rec
 
 
@@ -270,8 +271,10 @@ class _Sums:
 
     def totals(self) -> tuple[list[str], list[float]]:
         """``(metric names, [sum bs J, sum bs KL, examples, *metric sums])`` on the host."""
-        names = sorted(self.metrics)
         head = [self.data, self.kl] if self.host else self.vec.tolist()
+        if not self.metrics:
+            return [], [*head, float(self.count)]
+        names = sorted(self.metrics)
         return names, [*head, float(self.count), *[float(self.metrics[k]) for k in names]]
 
     def mean_loss(self, kl_weight: float) -> float:
@@ -425,6 +428,7 @@ def _train(
     clip = cfg.grad_clip
     params = [p for g in opt.param_groups for p in g["params"]] if clip is not None else []
     keep_rng = bool(cfg.checkpoint) and not run.par.enabled  # for a save on Ctrl-C
+    check_every, save_every = cfg.check_every, cfg.checkpoint_every
     show = cfg.progress and run.par.is_main
     bar = tqdm(
         total=total,
@@ -462,7 +466,7 @@ def _train(
                     rng_done = RNGState.capture()
                 if show:
                     bar.update(1)
-                if not ok or done - checked >= cfg.check_every:
+                if not ok or done - checked >= check_every:
                     run.check_finite(epoch, done, checked if ok else done - 1)
                     checked = done
                     if show:
@@ -470,11 +474,8 @@ def _train(
                         bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
                 for c in step_cbs:
                     c.on_step_end(state)
-                last = done == per_epoch
-                stop = state.stop_requested and not last
-                if stop or (
-                    cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not last
-                ):
+                stop = state.stop_requested and done != per_epoch
+                if stop or (save_every and state.global_step % save_every == 0 and done != per_epoch):
                     run.check_finite(epoch, done, checked)
                     sums.seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()

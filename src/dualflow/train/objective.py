@@ -123,7 +123,10 @@ class Objective(torch.nn.Module):
                 outputs = _map_outputs(_float_out, outputs)
             else:
                 outputs = fwd(x)
-            data = mixed_loss(self.loss_fn, outputs, targets)
+            if isinstance(targets, MixedTargets):
+                data = mixed_loss(self.loss_fn, outputs, targets)
+            else:
+                data = self.loss_fn(outputs, targets)
         kl = model_kl(self.model)
         if not kl.requires_grad and kl.device != data.device:  # a point model's KL is a CPU zero
             kl = kl.to(data.device)
