@@ -102,9 +102,9 @@ class Objective(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        if isinstance(loss_fn, torch.nn.Module) and loss_fn is not model:
-            self.loss_module = loss_fn  # registered: its parameters train (and DDP syncs them)
-        self.loss_fn = loss_fn if loss_fn is not None else _none
+        #: the loss as a submodule (its parameters train, DDP syncs them), or ``None``
+        self.loss_module = loss_fn if isinstance(loss_fn, torch.nn.Module) and loss_fn is not model else None
+        object.__setattr__(self, "loss_fn", loss_fn if loss_fn is not None else _none)  # not registered twice
         self.kl_weight = float(kl_weight)
         self.forward_fn = forward
         self.step_fn = step_fn
