@@ -106,14 +106,11 @@ def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.
     return p0.device if p0 is not None else torch.device("cpu")
 
 
-def _unique_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+def _to(module: torch.nn.Module, dev: torch.device) -> None:
+    """``module.to(dev)`` unless everything is there already (``.to`` walks every module)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.device != dev for t in tensors):
+        module.to(dev)
 
 
 class _Run:
@@ -363,9 +360,9 @@ def fit(
     cfg = config or TrainConfig()
     par = parallel or Parallel()
     dev = _device(model, device)
-    model.to(dev)
+    _to(model, dev)
     if isinstance(loss_fn, torch.nn.Module):
-        loss_fn.to(dev)
+        _to(loss_fn, dev)
     source = batch_source(train_data, cfg.batch_size, cfg.seed, cfg.drop_last, dev)
     if cfg.kl_weight is not None:
         kl_weight = cfg.kl_weight
@@ -383,7 +380,7 @@ def fit(
         metrics=metrics,
         amp_device=dev if cfg.amp else None,
     )
-    params = [p for p in _unique_params(objective) if p.requires_grad]
+    params = [p for p in objective.parameters() if p.requires_grad]  # (parameters() drops duplicates)
     opt = optimizer(params) if optimizer is not None else make_optimizer(params, cfg, model=model)
     per_epoch = source.num_batches
     total = max(1, per_epoch * cfg.epochs)
