@@ -57,7 +57,8 @@ def data_size(data: Any) -> int | None:
 
 class BatchSource:
     """``num_batches`` per epoch and ``epoch(e, start)``: the batches ``start, start + 1, ...``
-    of epoch ``e`` on ``device``."""
+    of epoch ``e`` on ``device``. ``full`` is the one full batch ``(x, y)`` of tensor data that
+    fits in one (its order does not matter), else ``None``."""
 
     def __init__(self, data: Any, batch_size: int, seed: int, drop_last: bool, device: torch.device) -> None:
         self.data, self.device = data, device
@@ -78,9 +79,9 @@ class BatchSource:
                 "train data must be a (inputs, targets) tuple of tensors, a torch Dataset, or a loader "
                 "(an iterable of (x, y) batches with __len__)"
             )
-        self._full = None
+        self.full = None
         if isinstance(data, tuple) and self.num_batches == 1 and int(data[1].shape[0]) <= self.batch_size:
-            self._full = (data[0].to(device), data[1].to(device))  # moved once, not every epoch
+            self.full = (data[0].to(device), data[1].to(device))  # moved once, not every epoch
         if self.num_batches < 1:
             raise ValueError(
                 "train data gives no batch per epoch (fewer examples than batch_size with drop_last)"
@@ -91,10 +92,10 @@ class BatchSource:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         data, dev, bs = self.data, self.device, self.batch_size
-        if self._full is not None:
+        if self.full is not None:
             # one full batch: its mean loss does not depend on the order, so skip the shuffle
             if start == 0:
-                yield self._full
+                yield self.full
         elif isinstance(data, tuple):
             x, y = data
             perm = torch.randperm(int(y.shape[0]), generator=self._generator(epoch))

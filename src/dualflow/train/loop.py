@@ -454,7 +454,8 @@ def _train(
             state.epoch, state.step = epoch, start
             checked = start
             t0 = time.perf_counter()
-            for xb, yb in source.epoch(epoch, start):
+            batches = (source.full,) if source.full is not None and start == 0 else source.epoch(epoch, start)
+            for xb, yb in batches:
                 if transform is not None:
                     xb, yb = transform(xb, yb)
                 opt.zero_grad(set_to_none=True)

@@ -106,28 +106,30 @@ class Objective(torch.nn.Module):
         self.loss_module = loss_fn if isinstance(loss_fn, torch.nn.Module) and loss_fn is not model else None
         object.__setattr__(self, "loss_fn", loss_fn if loss_fn is not None else _none)  # not registered twice
         self.kl_weight = float(kl_weight)
-        self.forward_fn = forward
         self.step_fn = step_fn
         self.metrics_fn = metrics
         self.amp_device = amp_device
+        # plain attributes (no second registration of the model; no Module.__getattr__ per step)
+        object.__setattr__(self, "forward_fn", forward if forward is not None else model)
+        object.__setattr__(self, "_trained", model)
 
     def forward(self, x: Any, targets: Any) -> StepResult:  # type: ignore[override]
         outputs = None
+        model = self._trained
         if self.step_fn is not None:
-            data = self.step_fn(self.model, x, targets)
+            data = self.step_fn(model, x, targets)
         else:
-            fwd = self.forward_fn if self.forward_fn is not None else self.model
             if self.amp_device is not None:
                 with autocast(self.amp_device):
-                    outputs = fwd(x)
+                    outputs = self.forward_fn(x)
                 outputs = _map_outputs(_float_out, outputs)
             else:
-                outputs = fwd(x)
+                outputs = self.forward_fn(x)
             if isinstance(targets, MixedTargets):
                 data = mixed_loss(self.loss_fn, outputs, targets)
             else:
                 data = self.loss_fn(outputs, targets)
-        kl = model_kl(self.model)
+        kl = model_kl(model)
         if not kl.requires_grad and kl.device != data.device:  # a point model's KL is a CPU zero
             kl = kl.to(data.device)
         loss = data + self.kl_weight * kl if self.kl_weight else data
