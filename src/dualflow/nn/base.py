@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dualflow.gaussian import Gaussian, check_gaussian
+from dualflow.nn.sampling import PROPAGATION_RULES
 
 __all__ = [
     "PROPAGATIONS",
@@ -108,17 +109,14 @@ def kl(model: torch.nn.Module) -> Tensor:
     return total
 
 
-#: Propagation modes of a :class:`BayesLayer` (attribute ``layer.propagation``).
+#: Propagation modes of a :class:`BayesLayer` (attribute ``layer.propagation``), the keys of
+#: :data:`dualflow.nn.sampling.PROPAGATION_RULES`, where each mode is one small function.
 #: ``"moments"``: Algorithm 1 (deterministic moment propagation, the default);
 #: ``"reparam"``: one weight sample per forward pass, shared by the batch (Blundell et al. 2015);
 #: ``"local"``: pre-activations sampled from their exact Gaussian given the input
 #: (local reparameterisation, Kingma et al. 2015);
 #: ``"flipout"``: one shared perturbation decorrelated per example by random signs (Wen et al. 2018).
-PROPAGATIONS: tuple[str, ...] = ("moments", "reparam", "local", "flipout")
-
-
-def _random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.randint(0, 2, shape, device=like.device).to(like.dtype).mul_(2.0).sub_(1.0)
+PROPAGATIONS: tuple[str, ...] = tuple(PROPAGATION_RULES)
 
 
 def _inv_softplus(x: float) -> float:
@@ -157,8 +155,28 @@ class BayesLayer(Module):
     """
 
     bayes: bool
-    #: see :data:`PROPAGATIONS`; a class default, set per instance
-    propagation: str = "moments"
+    _propagation: str = "moments"  # class default; set per instance through ``propagation``
+
+    @property
+    def propagation(self) -> str:
+        """How ``forward`` propagates: one of :data:`PROPAGATIONS` (validated on assignment)."""
+        return self._propagation
+
+    @propagation.setter
+    def propagation(self, mode: str) -> None:
+        if mode not in PROPAGATION_RULES:
+            raise ValueError(
+                f"{type(self).__name__}: unknown propagation {mode!r}; known: {list(PROPAGATIONS)}"
+            )
+        self._propagation = mode
+
+    def _propagate(self, x: Input) -> Input:
+        """``forward`` after input checks: the rule of the current propagation mode."""
+        return PROPAGATION_RULES[self._propagation](self, x)
+
+    def forward_moments(self, x: Input) -> Input:
+        """Algorithm 1: output moments of the layer (defined by each layer)."""
+        raise NotImplementedError
 
     def _setup(
         self,
@@ -251,6 +269,7 @@ class BayesLayer(Module):
         return total
 
     # ------------------------------------------------------------------ sampling propagation
+    # (the rules live in dualflow.nn.sampling; a layer supplies its linear map and noise shapes)
     def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's linear map ``A_W(x) + b`` on a plain tensor (defined by each layer)."""
         raise NotImplementedError
@@ -263,41 +282,6 @@ class BayesLayer(Module):
     def _bias_view(self, b: Tensor) -> Tensor:
         """``b`` shaped to broadcast against the layer output."""
         return b
-
-    def _forward_sampling(self, x: Input) -> Tensor:
-        """One random draw of the layer output under ``self.propagation`` (plain tensors)."""
-        mode = self.propagation
-        if mode not in PROPAGATIONS[1:]:
-            raise ValueError(
-                f"{type(self).__name__}: unknown propagation {mode!r}; known: {list(PROPAGATIONS)}"
-            )
-        if isinstance(x, Gaussian):
-            raise TypeError(
-                f"{type(self).__name__} with propagation={mode!r} takes a plain tensor, got a Gaussian; "
-                "set the same propagation on the whole model (dualflow.methods.set_propagation)"
-            )
-        if not self.bayes:
-            return self._map(x, self.weight_mu, self.bias_mu)
-        mu, sigma = self.weight_mu, F.softplus(self.weight_rho)
-        b_mu = self.bias_mu
-        b_sigma = None if self.bias_rho is None else F.softplus(self.bias_rho)
-        if mode == "reparam":
-            w = mu + sigma * torch.randn_like(mu)
-            b = None if b_mu is None else b_mu + b_sigma * torch.randn_like(b_mu)
-            return self._map(x, w, b)
-        if mode == "local":
-            mean = self._map(x, mu, b_mu)
-            var = self._map(x * x, sigma * sigma, None if b_sigma is None else b_sigma * b_sigma)
-            return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
-        # flipout: W_n = mu + delta * (s_out,n s_in,n^T) has the distribution of q for every n
-        mean = self._map(x, mu, None)
-        delta = sigma * torch.randn_like(mu)
-        pert = self._map(x * _random_signs(self._noise_shape(x), x), delta, None)
-        out = mean + pert * _random_signs(self._noise_shape(pert), pert)
-        if b_mu is not None:  # the bias is sampled independently per example (exact marginal)
-            eps = torch.randn(self._noise_shape(out), dtype=out.dtype, device=out.device)
-            out = out + self._bias_view(b_mu) + self._bias_view(b_sigma) * eps
-        return out
 
     def _validate(self, x: Input, expect_dim: int, axis: int, min_ndim: int) -> None:
         m = x.mean if isinstance(x, Gaussian) else x

@@ -65,8 +65,9 @@ class Linear(BayesLayer):
     def forward(self, x: Input) -> Input:
         if self.check_inputs:
             self._validate(x, self.in_features, -1, 1)
-        if self.propagation != "moments":
-            return self._forward_sampling(x)
+        return self._propagate(x)
+
+    def forward_moments(self, x: Input) -> Input:
         m, v = split_input(x)
         w_m, w_v, b_m, b_v = self._moments()
         mean, var = rules.linear(m, v, w_m, w_v, b_m, b_v)
@@ -147,8 +148,9 @@ class _ConvNd(BayesLayer):
     def forward(self, x: Input) -> Input:
         if self.check_inputs:
             self._validate(x, self.in_channels, 1, self._nd + 2)
-        if self.propagation != "moments":
-            return self._forward_sampling(x)
+        return self._propagate(x)
+
+    def forward_moments(self, x: Input) -> Input:
         m, v = split_input(x)
         w_m, w_v, b_m, b_v = self._moments()
         mean, var = rules.conv(
