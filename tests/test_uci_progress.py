@@ -28,10 +28,12 @@ def test_progress_lines_while_a_job_runs(data_root):
 
 
 def test_time_estimate_is_calibrated_on_this_machine(tmp_path, data_root, monkeypatch):
-    """With step times 5x too optimistic (the old constants were ~3x), the estimate printed before
-    the first job still lands within a factor 2.5 of the job's actual time."""
+    """With nominal step times 50x too pessimistic, the estimate printed before the first job still
+    lands within a factor 2.5 of the job's actual time. (The nominal constants are off by an unknown,
+    machine-dependent factor; a factor of 50 makes the uncalibrated estimate wrong on any machine
+    from ~10x slower to arbitrarily faster than the one the constants were measured on.)"""
     proto = uci.METHODS["bp"]
-    monkeypatch.setitem(uci.METHODS, "bp", dataclasses.replace(proto, step_ms=proto.step_ms / 5))
+    monkeypatch.setitem(uci.METHODS, "bp", dataclasses.replace(proto, step_ms=proto.step_ms * 50))
     opts = uci.RunOptions(data_dir=str(data_root), select=False, overrides={"steps": 800})
     out = tmp_path / "r.json"
     lines = []
@@ -45,7 +47,7 @@ def test_time_estimate_is_calibrated_on_this_machine(tmp_path, data_root, monkey
     # the uncalibrated estimate (the old behaviour) misses by far more
     nominal = uci.job_cost(recs[0]["n_train"], 40, 50, "bp", {**proto.defaults, "steps": 800}, 1)
     print(f"estimate {estimate:.2f} s, actual {actual:.2f} s, nominal {nominal:.2f} s", lines)
-    assert estimate / nominal > 2
+    assert nominal / actual > 5
 
 
 def test_eta_follows_finished_and_overrunning_jobs(monkeypatch):
