@@ -11,7 +11,7 @@ from torch import Tensor
 from dualflow import rules
 from dualflow.gaussian import Gaussian, add_independent, cat, check_gaussian
 from dualflow.nn import rewrite
-from dualflow.nn.base import Input, Module, pack, split_input
+from dualflow.nn.base import Input, Module, check_dtype, pack, split_input
 from dualflow.nn.pooling import conv_window_corr
 
 __all__ = ["Add", "Concat", "Flatten", "Identity", "Product", "Reshape", "Residual", "Sequential"]
@@ -35,7 +35,7 @@ class Sequential(Module, torch.nn.Sequential):
       correlations the convolution implies between the elements of each window
       (:func:`~dualflow.nn.rewrite.window_plan`, :func:`~dualflow.nn.pooling.conv_window_corr`).
 
-    With ``check_inputs`` the input is validated once (NaN/inf, negative variances).
+    With ``check_inputs`` the input is validated once (dtype, NaN/inf, negative variances).
 
     Args:
         *args: modules, or one ``OrderedDict`` of named modules (as :class:`torch.nn.Sequential`).
@@ -49,6 +49,9 @@ class Sequential(Module, torch.nn.Sequential):
 
     def forward(self, x: Input) -> Input:  # type: ignore[override]
         if self.check_inputs:
+            if len(self) and isinstance(self[0], Module):  # a torch module first (an Embedding) may want ints
+                p = next(self.parameters(), None)
+                check_dtype(split_input(x)[0], None if p is None else p.dtype, "Sequential")
             check_gaussian(x, "Sequential input")
         modules = list(self)
         plan = rewrite.window_plan(modules)
