@@ -51,6 +51,8 @@ MODULES = [
     ("maxpool_clark", lambda: dnn.MaxPool2d(2), (1, 2, 4, 4)),
     ("maxpool_clark_pad", lambda: dnn.MaxPool2d(3, 2, 1), (1, 1, 5, 5)),
     ("maxpool_lse", lambda: dnn.MaxPool2d(2, method="lse", temperature=0.5), (1, 2, 4, 4)),
+    ("maxpool_quad", lambda: dnn.MaxPool2d(2, method="quad"), (1, 2, 4, 4)),
+    ("maxpool_quad_pad", lambda: dnn.MaxPool2d(3, 2, 1, method="quad"), (1, 1, 5, 5)),
     ("avgpool", lambda: dnn.AvgPool2d(2), (1, 2, 4, 4)),
     ("gap", lambda: dnn.GlobalAvgPool2d(), (2, 3, 4, 4)),
     ("flatten", lambda: dnn.Flatten(), (2, 3, 2, 2)),
@@ -64,6 +66,18 @@ MODULES = [
         "sequential",
         lambda: dnn.Sequential(
             dnn.Conv2d(1, 2, 3, padding=1), dnn.ReLU(), dnn.MaxPool2d(2), dnn.Flatten(), dnn.Linear(8, 3)
+        ),
+        (2, 1, 4, 4),
+    ),
+    (
+        "sequential_pool_overlap",  # window correlations through BatchNorm, overlapping windows
+        lambda: dnn.Sequential(
+            dnn.Conv2d(1, 2, 3, padding=1),
+            _bn_eval(dnn.BatchNorm2d, 2),
+            dnn.ReLU(),
+            dnn.MaxPool2d(3, 2, 1),
+            dnn.Flatten(),
+            dnn.Linear(8, 3),
         ),
         (2, 1, 4, 4),
     ),
@@ -384,7 +398,7 @@ def test_clark_max2_fused_backward_equals_autograd():
 
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
-    """``dualflow.rules.enable_compile`` (torch.compile of the fused kernels) changes speed only."""
+    """``dualflow.rules.compiled_kernels`` (torch.compile of the fused kernels) changes speed only."""
     x = _g(4, 3, 8, 8, var_scale=2.0)
     m = x.mean.float().requires_grad_(True)
     v = x.var.float().requires_grad_(True)
@@ -397,10 +411,7 @@ def test_compiled_kernels_match_eager():
         return out
 
     eager = run()
-    df.rules.enable_compile(True)
-    try:
+    with df.rules.compiled_kernels():
         compiled = run()
-    finally:
-        df.rules.enable_compile(False)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

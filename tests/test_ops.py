@@ -383,7 +383,7 @@ def _examples():
         {nn.AvgPool2d: None, F.avg_pool2d: _fn(F.avg_pool2d, 3, 2, 1, count_include_pad=False)},
         [(2, 2, 5, 5)],
     )
-    # Clark's pairwise tree on a 2x2 window: approximate (MATH.md section 1: variance up to 30%)
+    # Clark's pairwise tree on a 2x2 window: approximate (docs/maths.md section 1.3: variance up to 30%)
     ex["max_pool2d"] = Ex({nn.MaxPool2d: None, F.max_pool2d: _fn(F.max_pool2d, 2)}, [(2, 2, 4, 4)], rel=0.35)
     return ex
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,21 @@ def test_module_tree_and_methods_round_trip(tmp_path):
         _same(m.predict(x), back.predict(x))
         assert back.noise_var == pytest.approx(float(m.noise_var))
 
+    # a composition of traits outside the registry, fixed noise: rebuilt from the saved traits
+    traits = methods.Traits(
+        propagation="flipout", members=3, train_samples=2, optimizer=methods.NaturalGradientOptimizer(lr=0.05)
+    )
+    m = methods.Method(traits, methods.mlp_builder(3, 8, 1), "regression", samples=7, learn_noise=False)
+    m.fit((xr, yr), df.train.TrainConfig(epochs=1, batch_size=16, progress=False))
+    df.save(m, tmp_path / "custom.pt")
+    back = df.load(tmp_path / "custom.pt")
+    assert back.traits == traits and back.name == "custom" and back.samples == 7 and back.is_fitted
+    assert not isinstance(back.likelihood.raw_noise, nn.Parameter)
+    torch.manual_seed(2)
+    want = m.predict(x)
+    torch.manual_seed(2)
+    _same(want, back.predict(x))
+
     torch.manual_seed(1)
     user = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
     m = methods.create("bp", lambda bayes, dropout=0.0: df.convert(user, bayes=bayes), "classification")
@@ -104,3 +121,18 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(TypeError, match="Custom"):
         df.save(Custom(), tmp_path / "custom.pt")
     assert not (tmp_path / "custom.pt").exists()
+
+    old = {"kind": "method", "name": "bp", "task": "regression", "options": {}, "net": {}}
+    torch.save(
+        {"format": "dualflow", "version": 1, "spec": json.dumps(old), "state_dict": {}}, tmp_path / "v1.pt"
+    )
+    with pytest.raises(ValueError, match="older dualflow"):
+        df.load(tmp_path / "v1.pt")
+
+    class MyOptimizer(methods.ConfigOptimizer):
+        pass
+
+    m = methods.Method(methods.Traits(optimizer=MyOptimizer()), methods.mlp_builder(2, 4, 1))
+    with pytest.raises(TypeError, match="MyOptimizer"):
+        df.save(m, tmp_path / "opt.pt")
+    assert not (tmp_path / "opt.pt").exists()

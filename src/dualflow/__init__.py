@@ -7,9 +7,15 @@ Algorithm 1) and backpropagating the loss ("smoothing") is belief propagation.
 Library layout: :class:`Gaussian` (activation distributions), :mod:`dualflow.rules` (pure
 moment rules), :mod:`dualflow.ops` (the op table), :mod:`dualflow.nn` (modules),
 :mod:`dualflow.losses`, :mod:`dualflow.train`; :func:`convert` (any ``torch.nn`` model),
-:mod:`dualflow.posthoc` (Laplace moments of a trained network), :func:`save` / :func:`load`.
+:func:`save` / :func:`load`, imported with the package; :mod:`dualflow.methods`,
+:mod:`dualflow.optim`, :mod:`dualflow.graphical`, :mod:`dualflow.models` and
+:mod:`dualflow.posthoc` (Laplace moments of a trained network) are imported on first
+attribute access (``import dualflow as df; df.methods``), so ``import dualflow`` stays light.
 Experiments and the CLI live in :mod:`dualflow.experiments`, which this package never imports.
 """
+
+import importlib
+from typing import Any
 
 from dualflow import losses, nn, ops, rules, smoothing, train
 from dualflow.convert_fx import convert
@@ -19,6 +25,9 @@ from dualflow.smoothing import smooth
 
 __version__ = "0.1.0"
 
+#: submodules imported on first access as attributes of the package (PEP 562)
+_LAZY_SUBMODULES = ("graphical", "methods", "models", "optim", "posthoc")
+
 __all__ = [
     "Gaussian",
     "__version__",
@@ -27,10 +36,15 @@ __all__ = [
     "cat",
     "check_gaussian",
     "convert",
+    "graphical",
     "load",
     "losses",
+    "methods",
+    "models",
     "nn",
     "ops",
+    "optim",
+    "posthoc",
     "rules",
     "save",
     "smooth",
@@ -38,3 +52,15 @@ __all__ = [
     "stack",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module  # later accesses skip this function
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -371,7 +371,9 @@ def pool_before_activation(graph: fx.Graph, root: nn.Module) -> int:
 
     The same function (``max_i f(x_i) = f(max_i x_i)`` for non-decreasing ``f``; padded
     positions never win either max), and far more accurate moments: Clark's maxima are
-    accurate on Gaussian windows, poor on rectified ones (MATH.md section 1). ``f`` stays
+    accurate on Gaussian windows, poor on rectified ones (docs/maths.md section 1.3). Which ops are
+    monotone: the op table's ``monotone`` property, which :func:`dualflow.nn.rewrite.is_monotone`
+    (the same rewrite on ``Sequential`` containers) reads too. ``f`` stays
     in place for its other users. Repeats until no pool follows a monotone op.
 
     Returns:

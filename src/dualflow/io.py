@@ -9,11 +9,13 @@ lives in ``state_dict``, so :func:`load` reads it with ``torch.load(..., weights
 * ``"graph"``: a :func:`dualflow.convert` result (its steps and submodules);
 * ``"modules"``: a tree of ``dualflow.nn`` modules (``Sequential`` of layers, e.g. from
   :func:`dualflow.methods.mlp_builder` or :func:`dualflow.nn.from_torch`);
-* ``"method"``: a :mod:`dualflow.methods` method (name, task, options, its network's spec).
+* ``"method"``: a :class:`dualflow.methods.Method` (name, task, its :class:`~dualflow.methods.Traits`,
+  prediction samples, its network's spec).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from dualflow import nn as dnn
 __all__ = ["load", "save", "spec"]
 
 FORMAT = "dualflow"
-VERSION = 1
+VERSION = 2  # 2: a method is saved with its Traits (1: registry options)
 
 
 # ============================================================================ JSON encoding
@@ -306,27 +308,57 @@ def _build_net(s: dict[str, Any]) -> nn.Module:
     raise ValueError(f"unknown architecture kind {kind!r}")
 
 
-def _method_options(m: Any) -> dict[str, Any]:
-    """The :func:`dualflow.methods.create` options that rebuild ``m`` (its state comes from the
-    state dict). A method described by traits keeps only ``samples`` and the registry defaults
-    of its name (the traits' other choices affect training, not the saved predictive)."""
-    if hasattr(m, "traits"):
-        return {"samples": m.samples}
-    opts: dict[str, Any] = {
+#: optimizer factories of :class:`dualflow.methods.Traits` that a saved method may name
+_OPTIMIZERS = ("ConfigOptimizer", "NaturalGradientOptimizer")
+
+
+def _traits_spec(traits: Any) -> dict[str, Any]:
+    """A :class:`dualflow.methods.Traits` record as plain data (its optimizer by class name)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(traits):
+        value = getattr(traits, f.name)
+        if f.name == "optimizer":
+            cls = type(value).__name__
+            if cls not in _OPTIMIZERS:
+                raise TypeError(
+                    f"cannot save a method whose optimizer factory is {cls}: only {', '.join(_OPTIMIZERS)} "
+                    "have a plain-data description"
+                )
+            value = {"class": cls, **{g.name: getattr(value, g.name) for g in dataclasses.fields(value)}}
+        out[f.name] = value
+    return out
+
+
+def _build_traits(s: dict[str, Any]) -> Any:
+    from dualflow.methods import traits as traits_module
+
+    s = dict(s)
+    opt = dict(s.pop("optimizer"))
+    cls = opt.pop("class")
+    if cls not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer factory {cls!r} in a saved method")
+    if "betas" in opt:
+        opt["betas"] = tuple(opt["betas"])
+    return traits_module.Traits(optimizer=getattr(traits_module, cls)(**opt), **s)
+
+
+def _method_spec(m: Any) -> dict[str, Any]:
+    """A :class:`dualflow.methods.Method`: its name, task, traits, prediction samples, whether
+    the noise variance is learned (a parameter or a buffer: the state dict's shape), and the
+    architecture of its first network (every member has the same one: built by one builder, or
+    deep copies of one module); the weights of every member come from the state dict."""
+    learn = None
+    if m.likelihoods is not None:
+        learn = isinstance(m.likelihoods[0].raw_noise, torch.nn.Parameter)
+    return {
+        "kind": "method",
+        "name": m.name,
+        "task": m.task,
+        "traits": _enc(_traits_spec(m.traits)),
         "samples": m.samples,
-        "ensemble_size": m.ensemble_size,
-        "dropout": m.dropout,
+        "learn_noise": learn,
+        "net": _net_spec(m.net),
     }
-    noise = getattr(m, "_noise_args", None)
-    if noise is not None:
-        opts["noise_var"], opts["learn_noise"] = noise
-    for k in ("objective", "train_samples"):
-        if hasattr(m, k):
-            opts[k] = getattr(m, k)
-    ng = getattr(m, "ng", None)
-    if isinstance(ng, dict):
-        opts.update(ng_lr=ng["lr"], ng_betas=list(ng["betas"]), positivity=ng["positivity"])
-    return opts
 
 
 def spec(obj: nn.Module) -> dict[str, Any]:
@@ -334,30 +366,29 @@ def spec(obj: nn.Module) -> dict[str, Any]:
     from dualflow.methods import Method
 
     if isinstance(obj, Method):
-        return {
-            "kind": "method",
-            "name": obj.name,
-            "task": obj.task,
-            "options": _enc(_method_options(obj)),
-            "net": _net_spec(obj.net),
-        }
+        return _method_spec(obj)
     return _net_spec(obj)
 
 
 def _build(s: dict[str, Any]) -> nn.Module:
     if s["kind"] != "method":
         return _build_net(s)
-    from dualflow import methods
+    from dualflow.methods import Method
 
     net = s["net"]
 
     def build(bayes: bool, dropout: float = 0.0) -> nn.Module:
         return _build_net(net)  # the saved network already has the method's weights/dropout
 
-    opts = _dec(s["options"])
-    if "ng_betas" in opts:
-        opts["ng_betas"] = tuple(opts["ng_betas"])
-    return methods.create(s["name"], build, s["task"], **opts)
+    learn = s["learn_noise"]
+    return Method(
+        _build_traits(_dec(s["traits"])),
+        build,
+        s["task"],
+        samples=s["samples"],
+        learn_noise=True if learn is None else bool(learn),
+        name=s["name"],
+    )
 
 
 # ============================================================================ save / load
@@ -413,6 +444,11 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     if int(payload.get("version", 0)) > VERSION:
         raise ValueError(f"{path}: written by a newer dualflow (format version {payload['version']})")
     arch = json.loads(payload["spec"])
+    if arch.get("kind") == "method" and "traits" not in arch:
+        raise ValueError(
+            f"{path}: a method saved by an older dualflow (format version 1, before methods were "
+            "traits); load its network and build the method again"
+        )
     model = _build(arch)
     # assign=True keeps the saved dtypes (a float64 model stays float64)
     model.load_state_dict(payload["state_dict"], assign=True)

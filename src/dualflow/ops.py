@@ -7,7 +7,7 @@ method names), to its moment rule and its properties:
 * ``elementwise``: acts on each entry alone (its rule is a closed form or Gauss-Hermite
   quadrature of the point function ``fn``);
 * ``monotone``: non-decreasing (element-wise ops); then ``max(f(a), f(b)) = f(max(a, b))``,
-  which the converters use to pool pre-activations (MATH.md section 1);
+  which the converters use to pool pre-activations (docs/maths.md section 1.3);
 * ``linear``: an affine map of its input, so its moments are exact whatever the input
   distribution;
 * ``gain``: the initialisation gain ``1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)`` (``sqrt 2`` for
@@ -445,7 +445,7 @@ _ELEMENTWISE: list[Op] = [
     _unary(
         "relu",
         _relu,
-        "closed form of the rectified Gaussian (MATH.md section 1)",
+        "closed form of the rectified Gaussian (docs/maths.md section 1.2)",
         modules=(nn.ReLU,),
         functions=(F.relu, torch.relu, torch.relu_, F.relu_),
         methods=("relu", "relu_"),
@@ -1192,7 +1192,7 @@ _OTHER: list[Op] = [
         "layer_norm",
         "norm",
         "mean with the statistics of the means; variance to first order in the input noise, "
-        "statistics included (rules.layer_norm_linearized; MATH.md's v g^2 / var(m) overestimates it)",
+        "statistics included (rules.layer_norm_linearized; the plain rule's v g^2 / var(m) overestimates it)",
         exact=False,
         modules=(nn.LayerNorm,),
         functions=(F.layer_norm,),

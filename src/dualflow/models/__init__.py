@@ -27,16 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dualflow.models.base import ImageClassifier
 from dualflow.models.blocks import ACT_GAINS, LayerFactory, Scale
 from dualflow.models.densenet import build_densenet_bc
 from dualflow.models.efficientnet import build_efficientnet
+from dualflow.models.lenet import build_lenet5
 from dualflow.models.mixer import build_mixer
 from dualflow.models.mlp import build_mlp, build_vgg
 from dualflow.models.resnet import build_resnet, build_wrn
 from dualflow.nn.base import BayesLayer
+from dualflow.nn.sampling import sampled_parameters
 
 __all__ = [
     "ACT_GAINS",
@@ -72,6 +73,9 @@ def _resnet(depth: int) -> ModelSpec:
 #: name -> :class:`ModelSpec`. Keyword arguments of :func:`create` override the defaults.
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(build_mlp, {}, "MLP on flattened images (width=400, depth=2 hidden layers)"),
+    "lenet5": ModelSpec(
+        build_lenet5, {}, "LeNet-5-style CNN: conv5x5(6)-maxpool-conv5x5(16)-maxpool-fc120-fc84, ReLU"
+    ),
     "vgg16": ModelSpec(build_vgg, {}, "VGG16 for 32x32 images, one linear classifier (Wen et al. 2018)"),
     "resnet": ModelSpec(build_resnet, {}, "CIFAR ResNet, depth=6n+2 (default 20)"),
     "resnet8": _resnet(8),
@@ -141,7 +145,8 @@ def create(
             ``dualflow.nn.Dropout``; 0 builds none).
         act_method: moment rule of SiLU/GELU, ``"gh"`` (Gauss-Hermite) or ``"taylor"``.
         **kw: architecture options overriding the registry defaults:
-            ``mlp``: ``width``, ``depth``; ``vgg16``: ``width`` (channel multiplier),
+            ``mlp``: ``width``, ``depth``; ``lenet5``: ``channels``, ``hidden``,
+            ``padding``, ``pool``; ``vgg16``: ``width`` (channel multiplier),
             ``blocks``, ``channels``, ``pool``; ``resnet*``: ``depth``, ``widths``,
             ``skip_init``; ``wrn*``: ``depth``, ``widen_factor``, ``skip_init``;
             ``densenet_bc*``: ``depth``, ``growth_rate``, ``compression``,
@@ -248,18 +253,20 @@ def point_state_dict(
     model: torch.nn.Module, sample: bool = False, generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
     """The state dict of the point network (``bayes=False``) of the same architecture: the
-    weight means (``sample=False``) or one draw ``mu + sigma eps`` from q (``sample=True``);
-    every other entry (biases of point layers, BatchNorm, SkipInit gains) as it is."""
-    sd = model.state_dict()
-    out: dict[str, torch.Tensor] = {k: v for k, v in sd.items() if not k.endswith("_rho")}
+    weight means (``sample=False``) or one draw ``mu + sigma eps`` from q (``sample=True``,
+    :func:`dualflow.nn.sampling.sampled_parameters`); every other entry (biases of point
+    layers, BatchNorm, SkipInit gains) as it is. The variance parameters are dropped."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    rho = {
+        names[id(r)]
+        for mod in model.modules()
+        if isinstance(mod, BayesLayer) and mod.bayes
+        for _, r in mod.variational_pairs()
+    }
+    out = {k: v for k, v in model.state_dict().items() if k not in rho}
     if sample:
-        for prefix, mod in model.named_modules():
-            if isinstance(mod, BayesLayer) and mod.bayes:
-                pre = f"{prefix}." if prefix else ""
-                for mu, rho in mod.variational_pairs():
-                    key = pre + next(n for n, p in mod.named_parameters(recurse=False) if p is mu)
-                    eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
-                    out[key] = (mu + F.softplus(rho) * eps).detach()
+        with torch.no_grad():
+            out.update(sampled_parameters(model, generator))
     return out
 
 

@@ -64,8 +64,12 @@ def build_vgg(
     TensorFlow-Probability ``bayesian_vgg`` example derived from that paper uses two
     convolutions per block: ``blocks=(2, 2, 2, 2, 2)``.
 
-    Max pooling of Gaussians uses Clark's pairwise maxima (``pool="max"``, approximate for
-    the 4-element window); ``pool="avg"`` uses exact average pooling instead.
+    Max pooling (``pool="max"``) is applied to the pre-activations, before the ReLU of the
+    block's last convolution: the same function as pooling after it (``max`` commutes with
+    ``relu``), with far more accurate moments (:mod:`dualflow.nn.rewrite`). The pool uses
+    Clark's maxima with the window correlations implied by the convolution
+    (:class:`dualflow.nn.MaxPool2d`). ``pool="avg"`` uses exact average pooling after the
+    ReLU instead (average pooling does not commute with it).
     """
     if len(blocks) != len(channels):
         raise ValueError("vgg: blocks and channels must have the same length")
@@ -81,14 +85,16 @@ def build_vgg(
     first = True
     for n, c in zip(blocks, channels):
         c = max(1, round(c * width))
-        for _ in range(n):
-            layers += [
-                make.conv(cin, c, 3, gain=1.0 if first else ACT_GAINS["relu"]),
-                make.norm2d(c),
-                make.act("relu"),
-            ]
+        for i in range(n):
+            layers += [make.conv(cin, c, 3, gain=1.0 if first else ACT_GAINS["relu"]), make.norm2d(c)]
+            if i == n - 1 and pool == "max":
+                # max pooling commutes with ReLU: pool the pre-activations (same function,
+                # accurate moments; dualflow.nn.rewrite)
+                layers.append(dnn.MaxPool2d(2))
+            layers.append(make.act("relu"))
             cin, first = c, False
-        layers.append(dnn.MaxPool2d(2) if pool == "max" else dnn.AvgPool2d(2))
+        if pool == "avg":
+            layers.append(dnn.AvgPool2d(2))
     side = image_size // 2**n_pool
     layers += [dnn.Flatten(1), make.dropout(), make.linear(cin * side * side, num_classes, bias=True)]
     return dnn.Sequential(*[m for m in layers if not isinstance(m, dnn.Identity)])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dualflow import rules
 from dualflow.gaussian import Gaussian, add_independent, cat, check_gaussian
-from dualflow.nn.base import Input, Module, pack, split_input
+from dualflow.nn import rewrite
+from dualflow.nn.base import Input, Module, check_dtype, pack, split_input
+from dualflow.nn.pooling import conv_window_corr
 
 __all__ = ["Add", "Concat", "Flatten", "Identity", "Product", "Reshape", "Residual", "Sequential"]
 
@@ -17,14 +20,55 @@ __all__ = ["Add", "Concat", "Flatten", "Identity", "Product", "Reshape", "Residu
 class Sequential(Module, torch.nn.Sequential):
     """Moment-propagating ``Sequential``: each child maps ``Gaussian -> Gaussian``.
 
-    With ``check_inputs`` the input is validated once (NaN/inf, negative variances).
+    Two things make max pooling accurate (see :mod:`dualflow.nn.rewrite` and
+    ``benchmarks/results/moments.md``):
+
+    * at construction, every max pool moves in front of the monotone activations that feed
+      it (``Conv, ReLU, MaxPool -> Conv, MaxPool, ReLU``;
+      :func:`~dualflow.nn.rewrite.pool_before_activation`).
+      The network computes the same function (``max(relu(a), relu(b)) = relu(max(a, b))``),
+      its moments are far more accurate, and the ``state_dict`` keys do not change (only
+      parameter-free modules move). ``pool_first=False`` keeps the order as given. Modules
+      added after construction (``append``, ``insert``) are not rewritten.
+    * in ``forward``, a :class:`~dualflow.nn.MaxPool2d` that follows a
+      :class:`~dualflow.nn.Conv2d` (through BatchNorm / Identity only) receives the
+      correlations the convolution implies between the elements of each window
+      (:func:`~dualflow.nn.rewrite.window_plan`, :func:`~dualflow.nn.pooling.conv_window_corr`).
+
+    With ``check_inputs`` the input is validated once (dtype, NaN/inf, negative variances).
+
+    Args:
+        *args: modules, or one ``OrderedDict`` of named modules (as :class:`torch.nn.Sequential`).
+        pool_first: apply the pool-before-activation rewrite (default ``True``).
     """
+
+    def __init__(self, *args: Any, pool_first: bool = True) -> None:
+        super().__init__(*args)
+        if pool_first:
+            rewrite.pool_before_activation(self)
 
     def forward(self, x: Input) -> Input:  # type: ignore[override]
         if self.check_inputs:
+            if len(self) and isinstance(self[0], Module):  # a torch module first (an Embedding) may want ints
+                p = next(self.parameters(), None)
+                check_dtype(split_input(x)[0], None if p is None else p.dtype, "Sequential")
             check_gaussian(x, "Sequential input")
-        for module in self:
-            x = module(x)
+        modules = list(self)
+        plan = rewrite.window_plan(modules)
+        corr, corr_at = None, -1
+        for i, module in enumerate(modules):
+            if i == corr_at:
+                x = module(x, window_corr=corr)
+                corr, corr_at = None, -1
+                continue
+            j = plan.get(i)
+            if j is None:
+                x = module(x)
+                continue
+            y = module(x)
+            corr = conv_window_corr(module, x, y, modules[j])
+            corr_at = j if corr is not None else -1
+            x = y
         return x
 
 
