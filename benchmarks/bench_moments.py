@@ -68,6 +68,7 @@ import dualflow as df
 from dualflow import models, rules
 from dualflow import nn as dnn
 from dualflow.experiments.data.images import load_cifar10, load_mnist
+from dualflow.experiments.io import check_writable
 from dualflow.models.blocks import LayerFactory
 from dualflow.nn.base import BayesLayer
 from dualflow.nn.rewrite import is_monotone
@@ -590,9 +591,9 @@ def main() -> int:
         args.samples, args.images, args.windows, args.window_mc = 200, 4, 32, 20_000
     torch.set_num_threads(1)
     out = Path(args.out)
+    for f in ("moments.json", "moments.md"):  # outputs writable before any work (nothing created)
+        check_writable(out / f, option="--out")
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("moments.json", "moments.md"):  # outputs writable before any work
-        (out / f).touch()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cache_file = workdir / "cache.json"

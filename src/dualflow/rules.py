@@ -627,8 +627,8 @@ def max_pool2d_lse(
 
 # ----------------------------------------------------------------------------- max pooling: k-way rules
 #
-# Two ways beyond the pairwise Clark tree (see ``benchmarks/results/moments.md`` for the
-# measurements that chose the defaults):
+# Two ways beyond the pairwise Clark tree (``benchmarks/bench_moments.py`` measures
+# them against Monte Carlo):
 #
 # * correlated windows (:func:`max_pool2d_clark_corr`): Clark's recursion with the covariances
 #   between the elements of a window. A convolution shares its weights across positions, so

@@ -21,7 +21,7 @@ class Sequential(Module, torch.nn.Sequential):
     """Moment-propagating ``Sequential``: each child maps ``Gaussian -> Gaussian``.
 
     Two things make max pooling accurate (see :mod:`dualflow.nn.rewrite` and
-    ``benchmarks/results/moments.md``):
+    ``benchmarks/bench_moments.py``):
 
     * at construction, every max pool moves in front of the monotone activations that feed
       it (``Conv, ReLU, MaxPool -> Conv, MaxPool, ReLU``;
