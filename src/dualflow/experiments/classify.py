@@ -84,6 +84,7 @@ from dualflow.nn.base import BayesLayer
 from dualflow.nn.base import kl as model_kl
 from dualflow.nn.norm import _BatchNorm
 from dualflow.train import TrainConfig
+from dualflow.variational import ScheduledNaturalGradient, TrainingAids
 
 __all__ = [
     "AUGMENTS",
@@ -218,6 +219,15 @@ class ClassifyConfig:
         ng_lr: step size of the natural-gradient methods (``None``: 0.1).
         arch_options: architecture options of :func:`dualflow.models.create` (``width``,
             ``depth``, ``widths``, ``patch_size``, ...).
+        vi_options: prior and optimisation schedule of the Bayesian weights
+            (:class:`dualflow.variational.TrainingAids`): ``prior`` (``"fixed"`` or ``"eb"``),
+            ``eb_granularity``, ``eb_every``, ``eb_floor``, ``hold_epochs`` and ``hold_sd`` (weight
+            variances held at the start), ``kl_warmup_epochs`` (a tempered start); epochs may be
+            fractions.
+        ng_options: options of the natural-gradient methods' optimizer
+            (:class:`dualflow.variational.ScheduledNaturalGradient`): ``b1``, ``b2``,
+            ``hold_epochs`` (precision held at its initial value), ``damping``,
+            ``init_precision``.
         checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
         eval_batch_size: images per evaluation forward pass.
         threads: torch CPU threads (``None``: leave as is).
@@ -251,6 +261,8 @@ class ClassifyConfig:
     train_samples: int | None = None
     ng_lr: float | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
+    vi_options: dict[str, Any] = field(default_factory=dict)
+    ng_options: dict[str, Any] = field(default_factory=dict)
     checkpoint_every: int = 0
     eval_batch_size: int = 500
     threads: int | None = None
@@ -301,8 +313,48 @@ class ClassifyConfig:
                 f"{self.method} updates the Gaussian weights by natural gradient and point parameters by "
                 "Adam: --optimizer sgd does not apply"
             )
+        bad = sorted(set(self.vi_options) - set(VI_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown vi option(s) {bad}; known: {', '.join(VI_OPTIONS)}")
+        bad = sorted(set(self.ng_options) - set(NG_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown ng option(s) {bad}; known: {', '.join(NG_OPTIONS)}")
+        if self.ng_options and self.method not in NG_METHODS:
+            raise ValueError(f"ng options apply to {', '.join(NG_METHODS)}, not {self.method!r}")
         if self.checkpoint_every < 0 or self.eval_batch_size < 1:
             raise ValueError("checkpoint_every must be >= 0 and eval_batch_size >= 1")
+
+
+#: Keys of :attr:`ClassifyConfig.vi_options`.
+VI_OPTIONS: tuple[str, ...] = (
+    "prior",
+    "eb_granularity",
+    "eb_every",
+    "eb_start_epochs",
+    "eb_floor",
+    "hold_epochs",
+    "hold_sd",
+    "kl_warmup_epochs",
+    "mix_pi",
+    "mix_slab_var",
+    "mix_spike_var",
+)
+
+#: Keys of :attr:`ClassifyConfig.ng_options`.
+NG_OPTIONS: tuple[str, ...] = ("b1", "b2", "hold_epochs", "damping", "init_precision")
+
+
+def make_aids(method: methods.Method, options: dict[str, Any], steps_per_epoch: int) -> TrainingAids:
+    """:class:`~dualflow.variational.TrainingAids` from :attr:`ClassifyConfig.vi_options` (epochs
+    converted to steps)."""
+    kw = dict(options)
+    kw["natural_gradient"] = type(method).name in NG_METHODS
+    if kw["natural_gradient"] and kw.get("prior") == "eb":
+        raise ValueError("vi option prior=eb is not implemented for the natural-gradient methods")
+    for key in ("hold", "kl_warmup", "eb_start"):
+        e = kw.pop(f"{key}_epochs", 0)
+        kw[f"{key}_steps" if key != "eb_start" else "eb_start"] = round(float(e) * steps_per_epoch)
+    return TrainingAids(method, **kw)
 
 
 def parse_augment(augment: str, dataset: str) -> tuple[str, ...]:
@@ -379,10 +431,40 @@ def _gaussian_param_ids(module: torch.nn.Module) -> set[int]:
     return ids
 
 
-def make_optimizer(method: methods.Method, r: Resolved, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """The optimizer of a run: natural gradient for the NG methods (point parameters by Adam);
-    otherwise SGD (Nesterov) or Adam with weight decay on point parameters only."""
+def make_optimizer(
+    method: methods.Method,
+    r: Resolved,
+    momentum: float = 0.9,
+    ng_options: dict[str, Any] | None = None,
+    steps_per_epoch: int = 1,
+    prior_in_gradient: bool = False,
+) -> torch.optim.Optimizer:
+    """The optimizer of a run: natural gradient for the NG methods (point parameters by Adam;
+    :class:`~dualflow.variational.ScheduledNaturalGradient` with ``ng_options``); otherwise SGD
+    (Nesterov) or Adam with weight decay on point parameters only. ``prior_in_gradient``: the
+    gradient carries the prior's cross-entropy (a non-Gaussian prior of
+    :class:`~dualflow.variational.TrainingAids`), so the natural gradient gets ``kl_weight=0``
+    and a negligible Gaussian prior of its own."""
     params = [p for p in method.parameters() if p.requires_grad]
+    if r.optimizer == "ng+adam" and (ng_options or prior_in_gradient):
+        o = dict(ng_options or {})
+        b1, b2 = method.ng["betas"]
+        betas = (float(o.pop("b1", b1)), float(o.pop("b2", b2)))
+        hold = round(float(o.pop("hold_epochs", 0)) * steps_per_epoch)
+        return ScheduledNaturalGradient(
+            params,
+            int(r.ng_data_size or 1),
+            lr=method.ng["lr"],
+            betas=betas,
+            positivity=method.ng["positivity"],
+            model=method,
+            kl_weight=0.0 if prior_in_gradient else r.kl_weight_abs,
+            prior_precision=1e-12 if prior_in_gradient else None,
+            point_lr=r.lr,
+            weight_decay=r.weight_decay,
+            hold_steps=hold,
+            **o,
+        )
     if r.optimizer == "ng+adam":
         tc = TrainConfig(lr=r.lr, weight_decay=r.weight_decay, kl_weight=r.kl_weight_abs)
         return method.configure_optimizer(params, int(r.ng_data_size or 1), tc)
@@ -459,15 +541,21 @@ class Objective(torch.nn.Module):
     ``loss = data term + kl_weight_abs * KL(q||p)``: the module DDP wraps (so that its
     gradient averaging sees one forward per step)."""
 
-    def __init__(self, method: methods.Method, kl_weight_abs: float) -> None:
+    def __init__(
+        self, method: methods.Method, kl_weight_abs: float, kl_fn: Callable[[], Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.method = method
         self.kl_weight_abs = float(kl_weight_abs)
+        self.kl_fn = kl_fn
+        #: factor of the KL term for the current step (a KL warm-up sets it; 1 is Eq. 2)
+        self.kl_factor = 1.0
 
     def forward(self, x: Tensor, y_a: Tensor, y_b: Tensor, lam: float) -> tuple[Tensor, ...]:
         data, logits = data_term(self.method, x, MixedTargets(y_a, y_b, float(lam)))
-        kl = model_kl(self.method).float()
-        total = data + self.kl_weight_abs * kl if self.kl_weight_abs else data
+        kl = (self.kl_fn() if self.kl_fn is not None else model_kl(self.method)).float()
+        w = self.kl_weight_abs * self.kl_factor
+        total = data + w * kl if w else data
         return total, data.detach(), kl.detach(), logits
 
 
@@ -653,7 +741,6 @@ def train_and_evaluate(
     method = methods.create(cfg.method, build, task="classification", samples=cfg.samples, **opts).to(dev)
     if cfg.amp:
         add_amp_hooks(method)
-    opt = make_optimizer(method, r, cfg.momentum)
     x_train, y_train = data.x_train, data.y_train
     if dev.type == "cuda":
         x_train, y_train = x_train.to(dev), y_train.to(dev)
@@ -668,6 +755,16 @@ def train_and_evaluate(
         rank=info.rank,
     )
     steps_per_epoch = len(loader)
+    bayes = methods.METHODS[cfg.method].bayes
+    aids = make_aids(method, cfg.vi_options, steps_per_epoch) if bayes else None
+    opt = make_optimizer(
+        method,
+        r,
+        cfg.momentum,
+        cfg.ng_options,
+        steps_per_epoch,
+        prior_in_gradient=aids is not None and aids.mixture is not None,
+    )
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
     transform = train_transform(
@@ -681,7 +778,7 @@ def train_and_evaluate(
         mixup_alpha=cfg.mixup_alpha if "mixup" in r.augment else 0.0,
         cutmix_alpha=cfg.cutmix_alpha if "cutmix" in r.augment else 0.0,
     )
-    objective = Objective(method, r.kl_weight_abs)
+    objective = Objective(method, r.kl_weight_abs, aids.kl if aids is not None else None)
     step_module = wrap_ddp(objective, info)
 
     ckpt = Path(workdir) / "checkpoint.pt" if workdir is not None else None
@@ -711,6 +808,8 @@ def train_and_evaluate(
                     f"(got {info.world_size})"
                 )
             method.load_state_dict(ck["model"])
+            if aids is not None and ck.get("aids") is not None:
+                aids.load_state_dict(ck["aids"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             history = list(ck["history"])
@@ -734,6 +833,7 @@ def train_and_evaluate(
                     "format": 1,
                     "identity": _identity(cfg),
                     "model": method.state_dict(),
+                    "aids": aids.state_dict() if aids is not None else None,
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "history": history,
@@ -773,6 +873,8 @@ def train_and_evaluate(
                 else:
                     t = MixedTargets(yb, yb, 1.0)
                 opt.zero_grad(set_to_none=True)
+                if aids is not None:
+                    objective.kl_factor = aids.kl_factor(global_step)
                 with _autocast(dev, cfg.amp):
                     loss, dterm, kl, logits = step_module(x, t.y_a, t.y_b, t.lam)
                 if (dev.type == "cpu" or step % 50 == 0) and not bool(torch.isfinite(loss.detach())):
@@ -780,7 +882,11 @@ def train_and_evaluate(
                         f"non-finite loss at epoch {epoch + 1}, step {step}: lower the learning rate"
                     )
                 loss.backward()
+                if aids is not None:
+                    aids.before_optimizer_step(global_step)
                 opt.step()
+                if aids is not None:
+                    aids.after_optimizer_step(global_step)
                 sched.step()
                 bs = float(yb.shape[0])
                 target = t.y_a if t.lam >= 0.5 else t.y_b
@@ -919,6 +1025,8 @@ def train_and_evaluate(
         "kl_weight": cfg.kl_weight,
         "kl_weight_abs": r.kl_weight_abs,
         "ng_data_size": r.ng_data_size,
+        "vi": aids.describe() if aids is not None else None,
+        "eb_priors": aids.eb.summary() if (aids is not None and aids.eb is not None) else None,
         "batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * info.world_size,
         "world_size": info.world_size,

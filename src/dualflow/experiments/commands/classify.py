@@ -106,6 +106,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="architecture option (JSON value), e.g. --arch-opt widths=[8,16,32]; repeatable",
     )
+    p.add_argument(
+        "--vi-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="prior / schedule of the Bayesian weights (JSON value), e.g. --vi-opt prior=eb "
+        "--vi-opt hold_epochs=2; keys: see dualflow.experiments.classify.VI_OPTIONS; repeatable",
+    )
+    p.add_argument(
+        "--ng-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="natural-gradient optimizer option (JSON value): b1, b2, hold_epochs, damping, "
+        "init_precision; repeatable",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
@@ -171,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         "train_samples": args.train_samples,
         "ng_lr": args.ng_lr,
         "arch_options": parse_key_values(args.arch_opt, "--arch-opt"),
+        "vi_options": parse_key_values(args.vi_opt, "--vi-opt"),
+        "ng_options": parse_key_values(args.ng_opt, "--ng-opt"),
         "checkpoint_every": args.checkpoint_every,
         "eval_batch_size": args.eval_batch_size,
         "threads": args.threads,
