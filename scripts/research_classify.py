@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -84,6 +85,9 @@ def _load(rec_path: str, workdir: str) -> tuple[methods.Method, Any, Any, Any]:
     rec = json.loads(Path(rec_path).read_text())
     cfg = ClassifyConfig(**rec["config"])
     data = load_dataset(cfg.dataset, cfg.data_dir).limit_train(cfg.limit_train)
+    if cfg.input_norm == "scale":
+        rms = tuple(math.sqrt(m * m + s * s) for m, s in zip(data.mean, data.std))
+        data = dataclasses.replace(data, mean=tuple(0.0 for _ in rms), std=rms)
     data, (x_val, y_val) = data.split_validation(cfg.val)
     r = resolve(cfg, int(data.y_train.shape[0]))
     build = models.builder(
@@ -151,6 +155,13 @@ def diag(rec_path: str, workdir: str, n_eval: int = 5000) -> None:
     S = 64
     probit = F.softmax(out.mean * torch.rsqrt(1 + math.pi / 8 * out.var), -1)
     print(f"probit (training predictive):       {_metrics(probit, y)}")
+    # pairwise ("mean-field softmax") approximation:
+    # p_k = 1 / sum_j exp(-(m_k - m_j) / sqrt(1 + c (v_k + v_j)))
+    dm = out.mean[:, :, None] - out.mean[:, None, :]
+    sv = out.var[:, :, None] + out.var[:, None, :]
+    pw = 1.0 / torch.exp(-dm / torch.sqrt(1 + math.pi / 8 * sv)).sum(-1)
+    tot = float(pw.sum(1).mean())
+    print(f"pairwise probit (unnormalised sum {tot:.3f}): {_metrics(pw / pw.sum(1, keepdim=True), y)}")
     eps = torch.randn((S, *out.mean.shape), generator=g)
     z = out.mean + out.var.sqrt() * eps
     print(f"logit samples, independent (S={S}): {_metrics(F.softmax(z, -1).mean(0), y)}")
@@ -179,6 +190,26 @@ def diag(rec_path: str, workdir: str, n_eval: int = 5000) -> None:
     pm = method.predict(x)
     print(f"mean network (variances 0):         {_metrics(pm, y)}")
     method.load_state_dict(sd)
+
+
+def table(paths: list[str]) -> str:
+    """Markdown table of the last epoch of each run (validation metrics; test only where the run
+    finished)."""
+    rows = [
+        "| run | epochs | val error % | val NLL | val ECE | train NLL | KL/N | objective | test error % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in paths:
+        rec = json.loads(Path(p).read_text())
+        e = rec["history"][-1]
+        test = f"{100 * rec['test_error']:.2f}" if "test_error" in rec else "—"
+        ep = f"{e['epoch']}/{rec['config']['epochs']}"
+        rows.append(
+            f"| {_label(rec, p)} | {ep} | {100 * e['val_error']:.2f} | {e['val_loss']:.4f} "
+            f"| {e['val_ece']:.4f} | {e['train_nll']:.4f} | {e['train_kl_term']:.3f} | {e['train_loss']:.3f} "
+            f"| {test} |"
+        )
+    return "\n".join(rows)
 
 
 def partial(name: str, workdir: str, out: str) -> None:
@@ -249,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("run")
     d.add_argument("workdir")
     d.add_argument("--n", type=int, default=5000)
+    t = sub.add_parser("table")
+    t.add_argument("runs", nargs="+")
     pa = sub.add_parser("partial")
     pa.add_argument("name")
     pa.add_argument("workdir")
@@ -256,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "curves":
         curves(a.out, a.runs, a.title)
+    elif a.cmd == "table":
+        print(table(a.runs))
     elif a.cmd == "partial":
         partial(a.name, a.workdir, a.out)
     else:

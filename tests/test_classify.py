@@ -159,6 +159,33 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path):
         C.train_and_evaluate(C.ClassifyConfig(**{**kw, "lr": 0.5}), tmp_path / "a", resume=True, log=None)
 
 
+@pytest.mark.parametrize(
+    ("method", "vi", "ng"),
+    [
+        ("bp", {"prior": "eb", "eb_granularity": "in", "hold_epochs": 0.5, "kl_warmup_epochs": 1}, {}),
+        ("bp-ng", {"prior": "mixture"}, {"damping": 0.1, "hold_epochs": 0.5, "b2": 0.01}),
+    ],
+)
+def test_resume_with_training_aids(mnist_dir, tmp_path, method, vi, ng):
+    """The prior's state (empirical Bayes), the hold and warm-up, the scheduled NG and the
+    "scale" input normalisation resume exactly."""
+    kw = dict(
+        dataset="mnist", arch="mlp", method=method, epochs=2, batch_size=64, limit_train=320, val=64,
+        arch_options={"width": 16}, samples=2, data_dir=str(mnist_dir), threads=1, vi_options=vi,
+        ng_options=ng, input_norm="scale",
+    )  # fmt: skip
+    full = C.train_and_evaluate(C.ClassifyConfig(**kw), tmp_path / "a", log=None)
+    assert full["vi"]["prior"] == vi["prior"]
+    wd = tmp_path / "b"
+    C.train_and_evaluate(C.ClassifyConfig(**kw, stop_after_steps=3), wd, log=None)
+    res = C.train_and_evaluate(C.ClassifyConfig(**kw), wd, resume=True, log=None)
+    for k in ("test_error", "test_nll", "test_ece", "test_brier"):
+        assert res[k] == full[k], k
+    if vi["prior"] == "eb":  # the fitted priors differ from the layers' defaults and resume with the run
+        assert res["eb_priors"] == full["eb_priors"]
+        assert any(abs(p["mean"] - p["default"]) > 1e-3 * p["default"] for p in full["eb_priors"])
+
+
 def test_data_term_equals_method_loss_without_mixing():
     torch.manual_seed(0)
     build = models.builder("mlp", num_classes=10, in_channels=1, width=16)
@@ -292,6 +319,10 @@ def test_amp_run_on_cpu(mnist_dir, tmp_path, method):
         (["--val", "256"], "val (256) must be smaller"),
         (["--method", "bp-ng", "--optimizer", "sgd"], "does not apply"),
         (["--arch-opt", "widht=3"], "unknown option"),
+        (["--vi-opt", "priorr=eb"], "unknown vi option"),
+        (["--vi-opt", "prior=gauss"], "prior must be fixed, eb or mixture"),
+        (["--ng-opt", "damping=0.1"], "ng options apply to"),
+        (["--method", "bp-ng", "--ng-opt", "damping=-1"], "must be >= 0"),
     ],
 )
 def test_bad_input_exits_nonzero(mnist_dir, tmp_path, capsys, change, message):

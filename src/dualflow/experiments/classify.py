@@ -59,6 +59,7 @@ numbers as an uninterrupted one (tested).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -84,7 +85,7 @@ from dualflow.nn.base import BayesLayer
 from dualflow.nn.base import kl as model_kl
 from dualflow.nn.norm import _BatchNorm
 from dualflow.train import TrainConfig
-from dualflow.variational import ScheduledNaturalGradient, TrainingAids
+from dualflow.variational import GRANULARITIES, ScheduledNaturalGradient, TrainingAids
 
 __all__ = [
     "AUGMENTS",
@@ -204,6 +205,9 @@ class ClassifyConfig:
         augment: ``"auto"`` (crop-flip for CIFAR, nothing for MNIST), ``"none"`` or a
             comma-separated subset of :data:`AUGMENTS`.
         mixup_alpha, cutmix_alpha: Beta parameters of mixup / cutmix (when enabled).
+        input_norm: ``"standard"`` (``(x - mean) / std`` per channel) or ``"scale"`` (``x / rms``
+            per channel, not centred: a zero pixel stays 0, so it adds no weight noise to a
+            Bayesian first layer; the second moment is 1 as with ``"standard"``).
         limit_train: train on the first N training images (``None``: all).
         val: hold out the last ``val`` of those as a validation set evaluated every epoch.
         data_dir: data root (default ``$DUALFLOW_DATA``, then the download cache).
@@ -248,6 +252,7 @@ class ClassifyConfig:
     augment: str = "auto"
     mixup_alpha: float = 0.2
     cutmix_alpha: float = 1.0
+    input_norm: str = "standard"
     limit_train: int | None = None
     val: int = 0
     data_dir: str | None = None
@@ -289,6 +294,8 @@ class ClassifyConfig:
         if self.normalization not in ("auto", "none", "batch"):
             raise ValueError(f"normalization must be 'auto', 'none' or 'batch', got {self.normalization!r}")
         parse_augment(self.augment, self.dataset)
+        if self.input_norm not in ("standard", "scale"):
+            raise ValueError(f"input_norm must be 'standard' or 'scale', got {self.input_norm!r}")
         if self.limit_train is not None and self.limit_train < 1:
             raise ValueError(f"limit-train must be >= 1, got {self.limit_train}")
         if self.val < 0:
@@ -316,11 +323,28 @@ class ClassifyConfig:
         bad = sorted(set(self.vi_options) - set(VI_OPTIONS))
         if bad:
             raise ValueError(f"unknown vi option(s) {bad}; known: {', '.join(VI_OPTIONS)}")
+        vo = self.vi_options
+        if vo.get("prior", "fixed") not in ("fixed", "eb", "mixture"):
+            raise ValueError(f"vi option prior must be fixed, eb or mixture, got {vo['prior']!r}")
+        if vo.get("eb_granularity", "tensor") not in GRANULARITIES:
+            raise ValueError(f"vi option eb_granularity must be one of {', '.join(GRANULARITIES)}")
+        for k in ("hold_epochs", "kl_warmup_epochs", "eb_start_epochs"):
+            if not float(vo.get(k, 0)) >= 0:
+                raise ValueError(f"vi option {k} must be >= 0, got {vo[k]}")
+        if vo.get("prior") == "eb" and self.method in NG_METHODS:
+            raise ValueError("vi option prior=eb is not implemented for the natural-gradient methods")
         bad = sorted(set(self.ng_options) - set(NG_OPTIONS))
         if bad:
             raise ValueError(f"unknown ng option(s) {bad}; known: {', '.join(NG_OPTIONS)}")
         if self.ng_options and self.method not in NG_METHODS:
             raise ValueError(f"ng options apply to {', '.join(NG_METHODS)}, not {self.method!r}")
+        if self.ng_options.get("init_precision", "sigma") not in ("sigma", "prior"):
+            raise ValueError("ng option init_precision must be sigma or prior")
+        if (
+            not float(self.ng_options.get("damping", 0.0)) >= 0
+            or not float(self.ng_options.get("hold_epochs", 0)) >= 0
+        ):
+            raise ValueError("ng options damping and hold_epochs must be >= 0")
         if self.checkpoint_every < 0 or self.eval_batch_size < 1:
             raise ValueError("checkpoint_every must be >= 0 and eval_batch_size >= 1")
 
@@ -349,8 +373,6 @@ def make_aids(method: methods.Method, options: dict[str, Any], steps_per_epoch: 
     converted to steps)."""
     kw = dict(options)
     kw["natural_gradient"] = type(method).name in NG_METHODS
-    if kw["natural_gradient"] and kw.get("prior") == "eb":
-        raise ValueError("vi option prior=eb is not implemented for the natural-gradient methods")
     for key in ("hold", "kl_warmup", "eb_start"):
         e = kw.pop(f"{key}_epochs", 0)
         kw[f"{key}_steps" if key != "eb_start" else "eb_start"] = round(float(e) * steps_per_epoch)
@@ -712,6 +734,9 @@ def train_and_evaluate(
         torch.backends.cudnn.benchmark = True
 
     data = load_dataset(cfg.dataset, cfg.data_dir).limit_train(cfg.limit_train)
+    if cfg.input_norm == "scale":  # x / rms: E[x^2] = 1 per channel, zero pixels stay zero
+        rms = tuple(math.sqrt(m * m + s * s) for m, s in zip(data.mean, data.std))
+        data = dataclasses.replace(data, mean=tuple(0.0 for _ in rms), std=rms)
     x_val = y_val = None
     if cfg.val:
         if cfg.val >= data.y_train.shape[0]:

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mixup-alpha", type=float, default=0.2, help="Beta parameter of mixup (default 0.2)")
     p.add_argument("--cutmix-alpha", type=float, default=1.0, help="Beta parameter of cutmix (default 1.0)")
+    p.add_argument(
+        "--input-norm",
+        choices=("standard", "scale"),
+        default="standard",
+        help="standard: (x - mean) / std per channel; scale: x / rms (not centred, zero pixels stay 0)",
+    )
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
     p.add_argument("--val", type=int, default=0, help="hold out the last N (of --limit-train) for validation")
     p.add_argument("--data-dir", default=None, help="data root (default: $DUALFLOW_DATA, then the cache)")
@@ -175,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "augment": args.augment,
         "mixup_alpha": args.mixup_alpha,
         "cutmix_alpha": args.cutmix_alpha,
+        "input_norm": args.input_norm,
         "limit_train": args.limit_train,
         "val": args.val,
         "data_dir": args.data_dir,
