@@ -212,6 +212,50 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
+def timing(specs: list[str], steps: int = 20, batch: int = 128) -> None:
+    """Seconds per training step (forward, backward, optimizer) of the Table-1 configurations,
+    measured in one process with one thread, the configurations interleaved (so that a change
+    of the machine's load hits all of them alike). ``specs``: ``dataset:arch[:json arch options]``."""
+    import time
+
+    from dualflow.experiments.classify import NG_METHODS, TABLE1_METHODS, Objective, make_optimizer
+    from dualflow.experiments.classify import resolve as res
+
+    torch.set_num_threads(1)
+    register_lenet5()
+    rows = []
+    for spec in specs:
+        ds, arch, *rest = spec.split(":", 2)
+        opts = json.loads(rest[0]) if rest else {}
+        c, side = (1, 28) if ds == "mnist" else (3, 32)
+        x = torch.randn(batch, c, side, side)
+        y = torch.randint(0, 10, (batch,))
+        runs = {}
+        for m in TABLE1_METHODS:
+            cfg = ClassifyConfig(dataset=ds, arch=arch, method=m, arch_options=opts)
+            r = res(cfg, 50000)
+            build = models.builder(arch, num_classes=10, in_channels=c, image_size=side,
+                                   normalization=r.normalization, **opts)  # fmt: skip
+            meth = methods.create(m, build, task="classification", samples=4)
+            opt = make_optimizer(meth, r, 0.9, {"damping": 0.1} if m in NG_METHODS else None, 391)
+            runs[m] = (meth, opt, Objective(meth, r.kl_weight_abs))
+        times = {m: [] for m in runs}
+        for _ in range(steps):
+            for m, (meth, opt, obj) in runs.items():
+                meth.train()
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = obj(x, y, y, 1.0)[0]
+                loss.backward()
+                opt.step()
+                times[m].append(time.perf_counter() - t0)
+        for m, ts in times.items():
+            ts = sorted(ts[2:])  # drop warm-up, take the median
+            med = ts[len(ts) // 2]
+            rows.append((spec, m, med, batch / med))
+            print(f"{spec:40s} {m:22s} {1000 * med:8.1f} ms/step  {batch / med:8.0f} images/s", flush=True)
+
+
 def partial(name: str, workdir: str, out: str) -> None:
     """A record of an unfinished (stopped or diverged) run from its checkpoint: its per-epoch
     history and configuration, flagged ``"partial": true`` (no test numbers)."""
@@ -280,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("run")
     d.add_argument("workdir")
     d.add_argument("--n", type=int, default=5000)
+    ti = sub.add_parser("timing")
+    ti.add_argument("specs", nargs="+", help="dataset:arch[:json arch options]")
+    ti.add_argument("--steps", type=int, default=20)
     t = sub.add_parser("table")
     t.add_argument("runs", nargs="+")
     pa = sub.add_parser("partial")
@@ -289,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "curves":
         curves(a.out, a.runs, a.title)
+    elif a.cmd == "timing":
+        timing(a.specs, a.steps)
     elif a.cmd == "table":
         print(table(a.runs))
     elif a.cmd == "partial":
