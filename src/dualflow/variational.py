@@ -32,12 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dualflow.nn.base import BayesLayer, kl_normal
-from dualflow.optim import NaturalGradient
 
 __all__ = [
     "GRANULARITIES",
     "EmpiricalBayesPrior",
-    "ScheduledNaturalGradient",
     "TrainingAids",
     "bayes_layers",
 ]
@@ -365,85 +363,3 @@ class TrainingAids(torch.nn.Module):
             "hold_sd": self.hold_sd,
             "kl_warmup_steps": self.kl_warmup_steps,
         }
-
-
-class ScheduledNaturalGradient(NaturalGradient):
-    """:class:`~dualflow.optim.NaturalGradient` with a schedule for its precision and a damped
-    mean step (a research variant; the defaults reproduce the parent exactly).
-
-    Extra keyword options:
-        hold_steps: the precision ``lambda`` stays at its initial value for the first steps
-            (the variances are held, as ``TrainingAids.hold_steps`` does for ``bp``): the
-            mean step is then momentum SGD with the per-weight rate ``lr N / lambda_init``.
-        damping: ``delta >= 0``; the mean step divides by ``lambda + N delta`` instead of
-            ``lambda`` (a trust region: the diagonal curvature misses the coupling of the weights
-            and is near 0 for weights the data barely constrain, where ``N / lambda`` would
-            reach ``N / lambda0``). The precision itself (the posterior variance) is not damped.
-        init_precision: ``"sigma"`` (``1/sigma^2`` of the initialisation, the parent's rule) or
-            ``"prior"`` (``lambda0``).
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        data_size: int,
-        lr: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.1),
-        prior_precision: float | None = None,
-        *,
-        hold_steps: int = 0,
-        damping: float = 0.0,
-        init_precision: str = "sigma",
-        **kw: Any,
-    ) -> None:
-        if hold_steps < 0 or not damping >= 0:
-            raise ValueError(f"need hold_steps >= 0 and damping >= 0, got {hold_steps}, {damping}")
-        if init_precision not in ("sigma", "prior"):
-            raise ValueError(f"init_precision must be 'sigma' or 'prior', got {init_precision!r}")
-        super().__init__(params, data_size, lr, betas, prior_precision, **kw)
-        self.hold_steps = int(hold_steps)
-        self.damping = float(damping)
-        self.init_precision = init_precision
-
-    def _gaussian_step(self, group: dict[str, Any]) -> None:
-        mu, rho = group["params"]
-        if mu.grad is None and rho.grad is None:
-            return
-        n = float(self.data_size)
-        kw = self.kl_weight
-        lam0 = float(group["prior_precision"])
-        b1, b2 = group["betas"]
-        st = self.state[mu]
-        sigma = F.softplus(rho)
-        if not st:
-            st["step"] = 0
-            if self.init_precision == "sigma":
-                st["precision"] = sigma.square().reciprocal()
-            else:
-                st["precision"] = torch.full_like(mu, lam0)
-            st["momentum"] = torch.zeros_like(mu)
-        st["step"] += 1
-        lam = st["precision"]
-        if st["step"] > self.hold_steps:
-            g_rho = rho.grad if rho.grad is not None else torch.zeros_like(rho)
-            nh = g_rho / (torch.sigmoid(rho) * sigma * 2.0).clamp_min(1e-38) * (2.0 * n)
-            if kw:
-                nh = nh + n * kw * (sigma.square().reciprocal() - lam0)
-            if group["positivity"] == "split":
-                a = b2 * nh.clamp_min(0.0) + (1.0 - b2) * lam + b2 * lam0
-                b = b2 * (-nh).clamp_min(0.0)
-                lam = a - b + b * b / (2.0 * a)
-            else:
-                t = nh + lam0
-                lam = b2 * t + (1.0 - b2) * lam + 0.5 * b2 * b2 * (lam - t).square() / lam
-            st["precision"] = lam
-        coef = lam0 * (1.0 / n - kw)
-        g_mu = mu.grad if mu.grad is not None else torch.zeros_like(mu)
-        g = g_mu if coef == 0.0 else g_mu + coef * mu
-        mom = st["momentum"]
-        mom.mul_(b1).add_(g, alpha=1.0 - b1)
-        step = group["lr"] * n / ((1.0 - b1 ** st["step"]) if group["debias"] else 1.0)
-        denom = lam + n * self.damping if self.damping else lam
-        mu.addcdiv_(mom, denom, value=-step)
-        s_new = lam.rsqrt()
-        rho.copy_(s_new + torch.log(-torch.expm1(-s_new)))

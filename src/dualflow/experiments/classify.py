@@ -84,8 +84,9 @@ from dualflow.gaussian import Gaussian
 from dualflow.nn.base import BayesLayer
 from dualflow.nn.base import kl as model_kl
 from dualflow.nn.norm import _BatchNorm
+from dualflow.optim import NaturalGradient
 from dualflow.train import TrainConfig
-from dualflow.variational import GRANULARITIES, ScheduledNaturalGradient, TrainingAids
+from dualflow.variational import GRANULARITIES, TrainingAids
 
 __all__ = [
     "AUGMENTS",
@@ -229,9 +230,8 @@ class ClassifyConfig:
             variances held at the start), ``kl_warmup_epochs`` (a tempered start); epochs may be
             fractions.
         ng_options: options of the natural-gradient methods' optimizer
-            (:class:`dualflow.variational.ScheduledNaturalGradient`): ``b1``, ``b2``,
-            ``hold_epochs`` (precision held at its initial value), ``damping``,
-            ``init_precision``.
+            (:class:`dualflow.optim.NaturalGradient`): ``b1``, ``b2``, ``damping`` (of the mean
+            step) and ``hold_epochs`` (precision held at its initial value).
         checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
         eval_batch_size: images per evaluation forward pass.
         threads: torch CPU threads (``None``: leave as is).
@@ -338,8 +338,6 @@ class ClassifyConfig:
             raise ValueError(f"unknown ng option(s) {bad}; known: {', '.join(NG_OPTIONS)}")
         if self.ng_options and self.method not in NG_METHODS:
             raise ValueError(f"ng options apply to {', '.join(NG_METHODS)}, not {self.method!r}")
-        if self.ng_options.get("init_precision", "sigma") not in ("sigma", "prior"):
-            raise ValueError("ng option init_precision must be sigma or prior")
         if (
             not float(self.ng_options.get("damping", 0.0)) >= 0
             or not float(self.ng_options.get("hold_epochs", 0)) >= 0
@@ -365,7 +363,7 @@ VI_OPTIONS: tuple[str, ...] = (
 )
 
 #: Keys of :attr:`ClassifyConfig.ng_options`.
-NG_OPTIONS: tuple[str, ...] = ("b1", "b2", "hold_epochs", "damping", "init_precision")
+NG_OPTIONS: tuple[str, ...] = ("b1", "b2", "hold_epochs", "damping")
 
 
 def make_aids(method: methods.Method, options: dict[str, Any], steps_per_epoch: int) -> TrainingAids:
@@ -462,7 +460,7 @@ def make_optimizer(
     prior_in_gradient: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer of a run: natural gradient for the NG methods (point parameters by Adam;
-    :class:`~dualflow.variational.ScheduledNaturalGradient` with ``ng_options``); otherwise SGD
+    :class:`~dualflow.optim.NaturalGradient` with ``ng_options``); otherwise SGD
     (Nesterov) or Adam with weight decay on point parameters only. ``prior_in_gradient``: the
     gradient carries the prior's cross-entropy (a non-Gaussian prior of
     :class:`~dualflow.variational.TrainingAids`), so the natural gradient gets ``kl_weight=0``
@@ -473,7 +471,7 @@ def make_optimizer(
         b1, b2 = method.ng["betas"]
         betas = (float(o.pop("b1", b1)), float(o.pop("b2", b2)))
         hold = round(float(o.pop("hold_epochs", 0)) * steps_per_epoch)
-        return ScheduledNaturalGradient(
+        return NaturalGradient(
             params,
             int(r.ng_data_size or 1),
             lr=method.ng["lr"],

@@ -125,8 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="natural-gradient optimizer option (JSON value): b1, b2, hold_epochs, damping, "
-        "init_precision; repeatable",
+        help="natural-gradient optimizer option (JSON value): b1, b2, damping, hold_epochs; repeatable",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--eval-batch-size", type=int, default=500)
