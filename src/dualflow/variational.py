@@ -6,7 +6,7 @@ weight variances held, a KL warm-up). Each aid says whether the optimum it reach
 Eq. 2's:
 
 * :class:`EmpiricalBayesPrior`: the prior variances are set by type-II maximum likelihood,
-  alternating with the variational step (MATH.md section 3, "Empirical Bayes"). For a group
+  alternating with the variational step (docs/maths.md section 3.2). For a group
   of weights sharing the prior ``N(0, s0)`` the KL is minimised over ``s0`` in closed form at
   ``s0 = mean(mu^2 + sigma^2)`` over the group. Granularity ``"tensor"`` (one ``s0`` per
   weight tensor, one per bias), ``"in"`` (one per input feature / input channel of every
@@ -242,6 +242,9 @@ class TrainingAids(torch.nn.Module):
         opt.step()
         aids.after_optimizer_step(t)    # empirical-Bayes update of the priors
 
+    With :func:`dualflow.train.fit` these are its hooks (``kl_fn``, an optimizer step pre-hook
+    and a callback): ``dualflow.experiments.classify.aids`` wires them.
+
     Args:
         model: the network (or the method holding it).
         prior: ``"fixed"`` (the layers' ``prior_var``; the default), ``"eb"`` (empirical
@@ -296,6 +299,8 @@ class TrainingAids(torch.nn.Module):
         self.eb_every, self.eb_start = int(eb_every), int(eb_start)
         self.hold_steps, self.hold_sd = int(hold_steps), float(hold_sd)
         self.kl_warmup_steps = int(kl_warmup_steps)
+        #: index of the next optimizer step (kept by the caller's loop, e.g. a callback)
+        self.step = 0
         self._rhos = [rho for m in bayes_layers(model) for _, rho in m.variational_pairs()]
         if self.hold_steps and self.hold_sd != 1.0:
             with torch.no_grad():
