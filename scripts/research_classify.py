@@ -102,7 +102,11 @@ def _load(rec_path: str, workdir: str) -> tuple[methods.Method, Any, Any, Any]:
     )
     method = methods.create(cfg.method, build, task="classification", samples=cfg.samples)
     ck = torch.load(Path(workdir) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    method.load_state_dict(ck["model"])
+    sd = ck["model"]
+    if "identity" in ck:  # the runner before the one loop: its method kept the network as "net."
+        sd = {("members.0." + k[4:] if k.startswith("net.") else k): v for k, v in sd.items()}
+        sd.setdefault("fitted", method.state_dict()["fitted"].clone().fill_(True))
+    method.load_state_dict(sd)
     method.eval()
     return method, data, x_val, y_val
 
@@ -218,8 +222,10 @@ def timing(specs: list[str], steps: int = 20, batch: int = 128) -> None:
     of the machine's load hits all of them alike). ``specs``: ``dataset:arch[:json arch options]``."""
     import time
 
-    from dualflow.experiments.classify import NG_METHODS, TABLE1_METHODS, Objective, make_optimizer
+    from dualflow import train
+    from dualflow.experiments.classify import TABLE1_METHODS
     from dualflow.experiments.classify import resolve as res
+    from dualflow.experiments.classify.aids import hooks
 
     torch.set_num_threads(1)
     register_lenet5()
@@ -232,20 +238,27 @@ def timing(specs: list[str], steps: int = 20, batch: int = 128) -> None:
         y = torch.randint(0, 10, (batch,))
         runs = {}
         for m in TABLE1_METHODS:
-            cfg = ClassifyConfig(dataset=ds, arch=arch, method=m, arch_options=opts)
+            ng = {"damping": 0.1} if methods.traits_of(m).natural_gradient else {}
+            cfg = ClassifyConfig(dataset=ds, arch=arch, method=m, arch_options=opts, ng_options=ng)
             r = res(cfg, 50000)
             build = models.builder(arch, num_classes=10, in_channels=c, image_size=side,
                                    normalization=r.normalization, **opts)  # fmt: skip
             meth = methods.create(m, build, task="classification", samples=4)
-            opt = make_optimizer(meth, r, 0.9, {"damping": 0.1} if m in NG_METHODS else None, 391)
-            runs[m] = (meth, opt, Objective(meth, r.kl_weight_abs))
+            tc = train.TrainConfig(
+                lr=r.lr, optimizer="sgd" if r.optimizer == "sgd" else "adam",
+                weight_decay=r.weight_decay, nesterov=True, kl_weight=r.kl_weight_abs,
+            )  # fmt: skip
+            params = [p for p in meth.parameters() if p.requires_grad]
+            factory = hooks(cfg, r, meth, tc, 391, r.ng_data_size or 50000)[0].get("optimizer")
+            opt = factory(params) if factory is not None else meth.configure_optimizer(params, 50000, tc)
+            runs[m] = (meth, opt, meth.objective(r.kl_weight_abs))
         times = {m: [] for m in runs}
         for _ in range(steps):
             for m, (meth, opt, obj) in runs.items():
                 meth.train()
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                loss = obj(x, y, y, 1.0)[0]
+                loss = obj(x, y).loss
                 loss.backward()
                 opt.step()
                 times[m].append(time.perf_counter() - t0)
@@ -259,8 +272,14 @@ def timing(specs: list[str], steps: int = 20, batch: int = 128) -> None:
 def partial(name: str, workdir: str, out: str) -> None:
     """A record of an unfinished (stopped or diverged) run from its checkpoint: its per-epoch
     history and configuration, flagged ``"partial": true`` (no test numbers)."""
+    from dualflow.experiments.classify.report import classify_history
+
     ck = torch.load(Path(workdir) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    rec = {"label": f"{name} (stopped)", "partial": True, "config": ck["identity"], "history": ck["history"]}
+    if "identity" in ck:  # a checkpoint of the runner before the one loop (records in classify keys)
+        config, history = ck["identity"], ck["history"]
+    else:  # dualflow.train.fit's checkpoint: the loop's records (its config holds the KL factor)
+        config, history = ck["meta"], classify_history(ck["history"], ck["config"]["kl_weight"])
+    rec = {"label": f"{name} (stopped)", "partial": True, "config": config, "history": history}
     Path(out).write_text(json.dumps(rec, indent=1) + "\n")
     print(f"wrote {out} ({len(rec['history'])} epochs)")
 

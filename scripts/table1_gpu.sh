@@ -10,7 +10,7 @@
 # Then: dualflow report classify --results results/table1 --out results/table1/README.md
 #
 # Settings (the paper states none beyond "cosine annealing" and "cutmix, mixup, RandAugment";
-# these follow each architecture's source paper, see src/dualflow/experiments/classify.py):
+# these follow each architecture's source paper, see src/dualflow/experiments/classify/config.py):
 #   * global batch 128 (split over the GPUs), cosine annealing to 0, bf16 autocast (--amp;
 #     moment rules stay fp32), crop-flip + RandAugment(2, 9) + mixup(0.2)/cutmix(1.0);
 #   * vanilla: SGD, Nesterov 0.9, lr 0.1, weight decay 5e-4 (1e-4 for ResNet/DenseNet, as

@@ -9,6 +9,11 @@
 #   results/classify/run_study_item4.sh                 # everything (estimated ~2 h of the 2 cores, see research.md)
 #   ONLY=mnist-mlp results/classify/run_study_item4.sh  # one block: mnist-mlp, mnist-lenet5 or cifar10-resnet8
 #   results/classify/run_study_item4.sh --list          # print the commands only
+#   EXTRA="--limit-train 512 --val 128" EPOCHS_MNIST=1 OUT=/tmp/o WORK=/tmp/w REPORT=/tmp/o/README.md \
+#     results/classify/run_study_item4.sh               # a smoke run (EXTRA overrides the options before it)
+#
+# LeNet-5 is not in the model registry of this branch: every command runs through
+# `scripts/research_classify.py run` (`dualflow classify` with `lenet5` registered).
 #
 # Recipe (chosen on validation data, research.md sections 1-6):
 #   vanilla NN      BatchNorm, SGD Nesterov 0.9, lr 0.1, weight decay 5e-4
@@ -22,16 +27,17 @@
 # Adam-trained configurations lr 3e-3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export DUALFLOW_DATA=${DUALFLOW_DATA:-../shared/data}
 PY=${PY:-python}
-DF=("$PY" -m dualflow.experiments classify)
+DF=("$PY" scripts/research_classify.py run)
 OUT=${OUT:-results/classify/study-item4}
 WORK=${WORK:-runs/classify-item4}
 JOBS=${JOBS:-2}
 EPOCHS_MNIST=${EPOCHS_MNIST:-30}
 EPOCHS_CIFAR=${EPOCHS_CIFAR:-10}
 ONLY=${ONLY:-}
+REPORT=${REPORT:-results/classify/README.md}
 COMMON=(--threads 1 --samples 8 --seed 0 --quiet)
+EXTRA=${EXTRA:-}
 
 recipe() {  # method epochs -> the method's options
   local hold
@@ -50,19 +56,19 @@ commands() {  # the slowest configurations first, so that both cores stay busy t
   for m in reparam-ng-ensemble bp-ng bp reparam vanilla; do
     if [[ -z "$ONLY" || "$ONLY" == mnist-mlp ]]; then
       echo "${DF[*]} --dataset mnist --arch mlp --method $m --epochs $EPOCHS_MNIST --val 10000" \
-        "$(recipe "$m" "$EPOCHS_MNIST") ${COMMON[*]} --workdir $WORK/mnist-mlp-$m --resume" \
+        "$(recipe "$m" "$EPOCHS_MNIST") ${COMMON[*]} $EXTRA --workdir $WORK/mnist-mlp-$m --resume" \
         "--out $OUT/mnist-mlp-$m.json"
     fi
     if [[ -z "$ONLY" || "$ONLY" == mnist-lenet5 ]]; then
       echo "${DF[*]} --dataset mnist --arch lenet5 --method $m --epochs $EPOCHS_MNIST --val 10000" \
-        "$(recipe "$m" "$EPOCHS_MNIST") ${COMMON[*]} --workdir $WORK/mnist-lenet5-$m --resume" \
+        "$(recipe "$m" "$EPOCHS_MNIST") ${COMMON[*]} $EXTRA --workdir $WORK/mnist-lenet5-$m --resume" \
         "--out $OUT/mnist-lenet5-$m.json"
     fi
     if [[ -z "$ONLY" || "$ONLY" == cifar10-resnet8 ]]; then
       local lr="--lr 3e-3"
       [[ $m == vanilla ]] && lr=""
       echo "${DF[*]} --dataset cifar10 --arch resnet8 --method $m --epochs $EPOCHS_CIFAR --val 5000 $lr" \
-        "$(recipe "$m" "$EPOCHS_CIFAR") ${COMMON[*]} --workdir $WORK/cifar10-resnet8-$m --resume" \
+        "$(recipe "$m" "$EPOCHS_CIFAR") ${COMMON[*]} $EXTRA --workdir $WORK/cifar10-resnet8-$m --resume" \
         "--out $OUT/cifar10-resnet8-$m.json"
     fi
   done
@@ -71,4 +77,4 @@ commands() {  # the slowest configurations first, so that both cores stay busy t
 if [[ "${1:-}" == --list ]]; then commands; exit 0; fi
 commands | xargs -P "$JOBS" -I{} bash -c '{}'
 
-"$PY" -c "from dualflow.experiments.classify import report_classify as r; r(['$OUT'], 'results/classify/README.md')"
+"$PY" -c "from dualflow.experiments.classify import report_classify as r; r(['$OUT'], '$REPORT')"
