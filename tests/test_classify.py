@@ -160,6 +160,63 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path):
         C.train_and_evaluate(C.ClassifyConfig(**{**kw, "lr": 0.5}), tmp_path / "a", resume=True, log=None)
 
 
+@pytest.mark.parametrize(
+    ("method", "vi", "ng"),
+    [
+        ("bp", {"prior": "eb", "eb_granularity": "in", "hold_epochs": 0.5, "kl_warmup_epochs": 1}, {}),
+        ("bp-ng", {"prior": "mixture"}, {"damping": 0.1, "hold_epochs": 0.5, "b2": 0.01}),
+    ],
+)
+def test_resume_with_training_aids(mnist_dir, tmp_path, method, vi, ng):
+    """The prior's state (empirical Bayes), the hold and warm-up, the scheduled NG and the
+    "scale" input normalisation resume exactly."""
+    kw = dict(
+        dataset="mnist", arch="mlp", method=method, epochs=2, batch_size=64, limit_train=320, val=64,
+        arch_options={"width": 16}, samples=2, data_dir=str(mnist_dir), threads=1, vi_options=vi,
+        ng_options=ng, input_norm="scale",
+    )  # fmt: skip
+    full = C.train_and_evaluate(C.ClassifyConfig(**kw), tmp_path / "a", log=None)
+    assert full["vi"]["prior"] == vi["prior"]
+    wd = tmp_path / "b"
+    C.train_and_evaluate(C.ClassifyConfig(**kw, stop_after_steps=3), wd, log=None)
+    res = C.train_and_evaluate(C.ClassifyConfig(**kw), wd, resume=True, log=None)
+    for k in ("test_error", "test_nll", "test_ece", "test_brier"):
+        assert res[k] == full[k], k
+    if vi["prior"] == "eb":  # the fitted priors differ from the layers' defaults and resume with the run
+        assert res["eb_priors"] == full["eb_priors"]
+        assert any(abs(p["mean"] - p["default"]) > 1e-3 * p["default"] for p in full["eb_priors"])
+
+
+def test_aids_are_hooks_of_the_one_loop():
+    """vi options reach dualflow.train.fit as hooks: the variances stay put during the hold (the
+    means move), the KL warm-up scales the objective's KL, and the aids' step follows the loop."""
+    from dualflow.experiments.classify.aids import hooks
+
+    torch.manual_seed(0)
+    m = methods.create("bp", models.builder("mlp", num_classes=10, in_channels=1, width=16), "classification")
+    cfg = C.ClassifyConfig(method="bp", vi_options={"hold_epochs": 1, "kl_warmup_epochs": 2})
+    r = C.resolve(cfg, 64)
+    tc = df.train.TrainConfig(epochs=2, batch_size=16, lr=1e-2, kl_weight=r.kl_weight_abs, threads=1)
+    kw, aids = hooks(cfg, r, m, tc, 4, 64)
+    assert aids is not None and aids.hold_steps == 4 and aids.kl_warmup_steps == 8
+    layer = next(x for x in m.modules() if isinstance(x, df.nn.BayesLayer))
+    rho0, mu0 = layer.weight_rho.detach().clone(), layer.weight_mu.detach().clone()
+    seen = []
+
+    class Watch(df.train.Callback):
+        def on_epoch_end(self, state, record):
+            seen.append((torch.equal(layer.weight_rho, rho0), torch.equal(layer.weight_mu, mu0)))
+
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    with torch.no_grad():
+        kl0 = float(df.nn.kl(m))
+    kw["callbacks"] = [*kw["callbacks"], Watch()]
+    hist = m.fit((x, y), tc, **kw)
+    assert seen == [(True, False), (False, False)]
+    assert aids.step == 8
+    assert 0.2 * kl0 < hist[0]["kl"] < 0.45 * kl0  # factors 1/8 .. 4/8 (mean 0.31) in epoch 1
+
+
 def test_runner_restores_modes_and_names_a_bad_checkpoint(mnist_dir, tmp_path, capsys):
     """The runner's thread count (and TF32 on CUDA) apply to the run only; a truncated
     checkpoint under --resume is one clear error naming the file."""
@@ -327,6 +384,10 @@ def test_amp_run_on_cpu(mnist_dir, tmp_path, method):
         (["--val", "256"], "val (256) must be smaller"),
         (["--method", "bp-ng", "--optimizer", "sgd"], "does not apply"),
         (["--arch-opt", "widht=3"], "unknown option"),
+        (["--vi-opt", "priorr=eb"], "unknown vi option"),
+        (["--vi-opt", "prior=gauss"], "prior must be fixed, eb or mixture"),
+        (["--ng-opt", "damping=0.1"], "ng options apply to"),
+        (["--method", "bp-ng", "--ng-opt", "damping=-1"], "must be >= 0"),
     ],
 )
 def test_bad_input_exits_nonzero(mnist_dir, tmp_path, capsys, change, message):

@@ -127,6 +127,15 @@ class NaturalGradient(torch.optim.Optimizer):
         kl_weight: factor of ``KL(q||p)`` already contained in the gradients (``None``:
             ``1/N``, what :func:`dualflow.train.fit` uses; ``0``: data term only).
         positivity: ``"split"`` (default) or ``"ivon"`` (see module doc).
+        damping: ``delta >= 0``: the mean step divides by ``lambda + N delta`` instead of
+            ``lambda`` (a trust region; the precision, i.e. the posterior variance, is not
+            damped). Without it ``N / lambda`` reaches ``N / lambda0`` for weights the data
+            barely constrain, a diagonal Newton step that ignores the coupling of a unit's
+            weights; at N = 50 000 the undamped update diverges on an MNIST MLP
+            (``results/classify/research.md``). Default 0: the update of docs/maths.md section 3.
+        hold_steps: the precision keeps its initial value ``1/sigma^2`` for this many steps
+            (the weight variances are held, the means move by momentum steps of size
+            ``lr N sigma^2``); default 0.
         debias: divide the momentum by ``1 - b1^t`` (as Adam/IVON).
         point_lr, point_betas, eps, weight_decay: Adam for point parameters.
         model: the module holding the parameters (only needed for plain parameters).
@@ -148,6 +157,8 @@ class NaturalGradient(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         model: torch.nn.Module | None = None,
+        damping: float = 0.0,
+        hold_steps: int = 0,
     ) -> None:
         if not data_size >= 1:
             raise ValueError(f"data_size must be >= 1, got {data_size}")
@@ -160,6 +171,8 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"positivity must be 'split' or 'ivon', got {positivity!r}")
         if prior_precision is not None and not prior_precision > 0:
             raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
+        if not damping >= 0 or hold_steps < 0:
+            raise ValueError(f"damping and hold_steps must be >= 0, got {damping}, {hold_steps}")
         groups = list(params)
         if not groups:
             raise ValueError("NaturalGradient got an empty parameter list")
@@ -202,6 +215,7 @@ class NaturalGradient(torch.optim.Optimizer):
         super().__init__(out, defaults)
         self.data_size = int(data_size)
         self.kl_weight = 1.0 / data_size if kl_weight is None else float(kl_weight)
+        self.damping, self.hold_steps = float(damping), int(hold_steps)
 
     def precision(self, mu: torch.nn.Parameter) -> Tensor | None:
         """The precision ``lambda`` kept for the weight whose mean is ``mu`` (``None`` before the
@@ -255,6 +269,8 @@ class NaturalGradient(torch.optim.Optimizer):
             t = nh.add_(lam0)
             corr = (lam - t).square_().div_(lam).mul_(0.5 * b2 * b2)
             new_lam = t.mul_(b2).add_(lam, alpha=1.0 - b2).add_(corr)
+        if st["step"] <= self.hold_steps:
+            new_lam = lam
         st["precision"] = new_lam
         # momentum of g_mu(data) + lam0 mu / N, where g_mu(data) = g_mu - kw lam0 mu
         coef = lam0 * (1.0 / n - kw)
@@ -262,7 +278,7 @@ class NaturalGradient(torch.optim.Optimizer):
         mom = st["momentum"]
         mom.mul_(b1).add_(g, alpha=1.0 - b1)
         step = group["lr"] * n / ((1.0 - b1 ** st["step"]) if group["debias"] else 1.0)
-        mu.addcdiv_(mom, new_lam, value=-step)
+        mu.addcdiv_(mom, new_lam.add(n * self.damping) if self.damping else new_lam, value=-step)
         s_new = new_lam.rsqrt()
         rho.copy_(s_new.neg().expm1_().neg_().log_().add_(s_new))  # softplus^-1(1/sqrt(lambda))
 

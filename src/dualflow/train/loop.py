@@ -320,6 +320,7 @@ def fit(
     parallel: Parallel | None = None,
     meta: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    kl_fn: Callable[[torch.nn.Module], Tensor] | None = None,
 ) -> History:
     """Train ``model`` on ``train_data``, minimising ``mean J + kl_weight KL(q||p)``.
 
@@ -348,6 +349,8 @@ def fit(
         meta: description of the run stored in the checkpoint; resuming with other ``meta``
             is refused (:class:`~dualflow.train.CheckpointError`).
         device: where to train (default: the model's device).
+        kl_fn: ``kl_fn(model) -> KL(q||p)`` replacing :func:`dualflow.nn.kl` in the objective
+            (another prior or a KL schedule, e.g. :class:`dualflow.variational.TrainingAids`).
 
     Returns:
         :class:`History` of per-epoch records. The caller's global RNG states, thread
@@ -379,6 +382,7 @@ def fit(
         step_fn=step_fn,
         metrics=metrics,
         amp_device=dev if cfg.amp else None,
+        kl_fn=kl_fn,
     )
     params = [p for p in objective.parameters() if p.requires_grad]  # (parameters() drops duplicates)
     opt = optimizer(params) if optimizer is not None else make_optimizer(params, cfg, model=model)

@@ -87,6 +87,8 @@ class Objective(torch.nn.Module):
         metrics: ``metrics(outputs, targets) -> {name: sum over the batch}`` (no grad).
         amp_device: run ``forward`` under bf16 autocast on this device; the outputs are cast
             to float32 before the loss, and the KL is computed in float32 (outside autocast).
+        kl_fn: ``kl_fn(model) -> KL`` replacing :func:`dualflow.nn.kl` (another prior, e.g.
+            :class:`dualflow.variational.TrainingAids`; default ``None``: the layers' own KL).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Objective(torch.nn.Module):
         step_fn: Callable[[torch.nn.Module, Any, Any], Tensor] | None = None,
         metrics: Callable[[Any, Any], dict[str, Tensor]] | None = None,
         amp_device: torch.device | None = None,
+        kl_fn: Callable[[torch.nn.Module], Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -109,6 +112,7 @@ class Objective(torch.nn.Module):
         self.step_fn = step_fn
         self.metrics_fn = metrics
         self.amp_device = amp_device
+        object.__setattr__(self, "kl_fn", kl_fn if kl_fn is not None else model_kl)  # not registered
         # plain attributes (no second registration of the model; no Module.__getattr__ per step)
         object.__setattr__(self, "forward_fn", forward if forward is not None else model)
         object.__setattr__(self, "_trained", model)
@@ -129,7 +133,7 @@ class Objective(torch.nn.Module):
                 data = mixed_loss(self.loss_fn, outputs, targets)
             else:
                 data = self.loss_fn(outputs, targets)
-        kl = model_kl(model)
+        kl = self.kl_fn(model)
         if not kl.requires_grad and kl.device != data.device:  # a point model's KL is a CPU zero
             kl = kl.to(data.device)
         loss = data + self.kl_weight * kl if self.kl_weight else data

@@ -60,15 +60,21 @@ of epoch ``e`` is a function of ``(seed, e)``; a checkpoint holds the model, opt
 scheduler, history, position ``(epoch, step)``, the running sums of the epoch and the RNG
 state of every rank, so an interrupted run resumed with ``resume=True`` gives the same
 numbers as an uninterrupted one (tested).
+
+Training aids (``vi_options``: empirical-Bayes or scale-mixture prior, a variance hold, a KL
+warm-up; ``ng_options``: damping, precision hold and betas of the natural gradient) plug
+into the same loop through its hooks (:mod:`~dualflow.experiments.classify.aids`).
 """
 
 from dualflow.experiments.classify.config import (
     AUGMENTS,
     DEFAULT_KL_WEIGHT,
+    NG_OPTIONS,
     PAPER_TABLE1,
     TABLE1_LABELS,
     TABLE1_METHODS,
     TABLE1_NORMALIZATION,
+    VI_OPTIONS,
     ClassifyConfig,
     Resolved,
     arch_family,
@@ -82,10 +88,12 @@ from dualflow.experiments.classify.runner import evaluate, train_and_evaluate
 __all__ = [
     "AUGMENTS",
     "DEFAULT_KL_WEIGHT",
+    "NG_OPTIONS",
     "PAPER_TABLE1",
     "TABLE1_LABELS",
     "TABLE1_METHODS",
     "TABLE1_NORMALIZATION",
+    "VI_OPTIONS",
     "ClassifyConfig",
     "Resolved",
     "arch_family",

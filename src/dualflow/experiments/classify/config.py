@@ -14,10 +14,12 @@ from dualflow.experiments.data.images import DATASETS
 __all__ = [
     "AUGMENTS",
     "DEFAULT_KL_WEIGHT",
+    "NG_OPTIONS",
     "PAPER_TABLE1",
     "TABLE1_LABELS",
     "TABLE1_METHODS",
     "TABLE1_NORMALIZATION",
+    "VI_OPTIONS",
     "ClassifyConfig",
     "Resolved",
     "arch_family",
@@ -44,6 +46,22 @@ TABLE1_LABELS: dict[str, str] = {
     "bp": "BP/NF",
     "bp-ng": "BP/NF+NG",
 }
+#: Keys of :attr:`ClassifyConfig.vi_options` (see :class:`dualflow.variational.TrainingAids`;
+#: ``*_epochs`` are converted to steps and may be fractions).
+VI_OPTIONS: tuple[str, ...] = (
+    "prior",
+    "eb_granularity",
+    "eb_start_epochs",
+    "eb_floor",
+    "hold_epochs",
+    "hold_sd",
+    "kl_warmup_epochs",
+    "mix_pi",
+    "mix_slab_var",
+    "mix_spike_var",
+)
+#: Keys of :attr:`ClassifyConfig.ng_options` (see :class:`dualflow.optim.NaturalGradient`).
+NG_OPTIONS: tuple[str, ...] = ("b1", "b2", "hold_epochs", "damping")
 #: Augmentation components (``augment`` is a comma-separated subset, ``"none"`` or ``"auto"``).
 AUGMENTS: tuple[str, ...] = ("crop-flip", "mixup", "cutmix", "randaugment")
 
@@ -123,6 +141,9 @@ class ClassifyConfig:
         augment: ``"auto"`` (crop-flip for CIFAR, nothing for MNIST), ``"none"`` or a
             comma-separated subset of :data:`AUGMENTS`.
         mixup_alpha, cutmix_alpha: Beta parameters of mixup / cutmix (when enabled).
+        input_norm: ``"standard"`` (``(x - mean) / std`` per channel) or ``"scale"`` (``x / rms``
+            per channel, not centred: a zero pixel stays 0, so it adds no weight noise to a
+            Bayesian first layer; the second moment is 1 as with ``"standard"``).
         limit_train: train on the first N training images (``None``: all).
         val: hold out the last ``val`` of those as a validation set evaluated every epoch.
         data_dir: data root (default ``$DUALFLOW_DATA``, then the download cache).
@@ -138,6 +159,14 @@ class ClassifyConfig:
         ng_lr: step size of the natural-gradient methods (``None``: 0.1).
         arch_options: architecture options of :func:`dualflow.models.create` (``width``,
             ``depth``, ``widths``, ``patch_size``, ...).
+        vi_options: prior and optimisation schedule of the Bayesian weights
+            (:class:`dualflow.variational.TrainingAids`, keys :data:`VI_OPTIONS`): ``prior``
+            (``"fixed"``, ``"eb"`` or ``"mixture"``), ``eb_granularity``, ``eb_start_epochs``,
+            ``eb_floor``, ``hold_epochs`` and ``hold_sd`` (weight variances held at the start),
+            ``kl_warmup_epochs`` (a tempered start), ``mix_pi``/``mix_slab_var``/``mix_spike_var``.
+        ng_options: options of the natural-gradient methods' optimizer
+            (:class:`dualflow.optim.NaturalGradient`, keys :data:`NG_OPTIONS`): ``b1``, ``b2``,
+            ``damping`` (of the mean step) and ``hold_epochs`` (precision held at its initial value).
         checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
         eval_batch_size: images per evaluation forward pass.
         threads: torch CPU threads (``None``: leave as is).
@@ -158,6 +187,7 @@ class ClassifyConfig:
     augment: str = "auto"
     mixup_alpha: float = 0.2
     cutmix_alpha: float = 1.0
+    input_norm: str = "standard"
     limit_train: int | None = None
     val: int = 0
     data_dir: str | None = None
@@ -171,6 +201,8 @@ class ClassifyConfig:
     train_samples: int | None = None
     ng_lr: float | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
+    vi_options: dict[str, Any] = field(default_factory=dict)
+    ng_options: dict[str, Any] = field(default_factory=dict)
     checkpoint_every: int = 0
     eval_batch_size: int = 500
     threads: int | None = None
@@ -197,6 +229,8 @@ class ClassifyConfig:
         if self.normalization not in ("auto", "none", "batch"):
             raise ValueError(f"normalization must be 'auto', 'none' or 'batch', got {self.normalization!r}")
         parse_augment(self.augment, self.dataset)
+        if self.input_norm not in ("standard", "scale"):
+            raise ValueError(f"input_norm must be 'standard' or 'scale', got {self.input_norm!r}")
         if self.limit_train is not None and self.limit_train < 1:
             raise ValueError(f"limit-train must be >= 1, got {self.limit_train}")
         if self.val < 0:
@@ -221,8 +255,36 @@ class ClassifyConfig:
                 f"{self.method} updates the Gaussian weights by natural gradient and point parameters by "
                 "Adam: --optimizer sgd does not apply"
             )
+        self._validate_vi_ng(traits)
         if self.checkpoint_every < 0 or self.eval_batch_size < 1:
             raise ValueError("checkpoint_every must be >= 0 and eval_batch_size >= 1")
+
+    def _validate_vi_ng(self, traits: methods.Traits) -> None:
+        from dualflow.variational import GRANULARITIES
+
+        vo, no = self.vi_options, self.ng_options
+        bad = sorted(set(vo) - set(VI_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown vi option(s) {bad}; known: {', '.join(VI_OPTIONS)}")
+        if vo and not traits.gaussian:
+            raise ValueError(f"vi options apply to the methods with Gaussian weights, not {self.method!r}")
+        if vo.get("prior", "fixed") not in ("fixed", "eb", "mixture"):
+            raise ValueError(f"vi option prior must be fixed, eb or mixture, got {vo['prior']!r}")
+        if vo.get("eb_granularity", "tensor") not in GRANULARITIES:
+            raise ValueError(f"vi option eb_granularity must be one of {', '.join(GRANULARITIES)}")
+        for k in ("hold_epochs", "kl_warmup_epochs", "eb_start_epochs"):
+            if not float(vo.get(k, 0)) >= 0:
+                raise ValueError(f"vi option {k} must be >= 0, got {vo[k]}")
+        if vo.get("prior") == "eb" and traits.natural_gradient:
+            raise ValueError("vi option prior=eb is not implemented for the natural-gradient methods")
+        bad = sorted(set(no) - set(NG_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown ng option(s) {bad}; known: {', '.join(NG_OPTIONS)}")
+        if no and not traits.natural_gradient:
+            names = ", ".join(n for n in methods.available() if methods.traits_of(n).natural_gradient)
+            raise ValueError(f"ng options apply to {names}, not {self.method!r}")
+        if not float(no.get("damping", 0.0)) >= 0 or not float(no.get("hold_epochs", 0)) >= 0:
+            raise ValueError("ng options damping and hold_epochs must be >= 0")
 
 
 def parse_augment(augment: str, dataset: str) -> tuple[str, ...]:

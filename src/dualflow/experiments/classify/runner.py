@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from dualflow import methods, models, train
 from dualflow.experiments import distributed as ddist
 from dualflow.experiments import metrics as M
 from dualflow.experiments.augment import MixAugment, train_transform
+from dualflow.experiments.classify import aids as vi
 from dualflow.experiments.classify.config import ClassifyConfig, Resolved, resolve
 from dualflow.experiments.classify.report import dataset_label, make_record, plot_history
 from dualflow.experiments.data.images import BatchLoader, ImageData, load_dataset
@@ -98,19 +101,25 @@ def train_and_evaluate(
                 "val_seconds": time.perf_counter() - t0,
             }
 
-        callbacks: list[train.Callback] = [_Log(say, cfg.epochs, ckpt)] if say is not None else []
+        tc = _train_config(cfg, r, ckpt, resume, progress=say is not None)
+        n = r.ng_data_size or int(data.y_train.shape[0])
+        extra, aids = vi.hooks(cfg, r, method, tc, len(loader), n)  # prior/hold/warm-up, NG options
+        callbacks: list[train.Callback] = [*extra.pop("callbacks", [])]
+        if say is not None:
+            callbacks.append(_Log(say, cfg.epochs, ckpt))
         if cfg.stop_after_steps is not None:
             callbacks.append(train.StopAfter(cfg.stop_after_steps))
         hist = method.fit(
             loader,
-            _train_config(cfg, r, ckpt, resume, progress=say is not None),
+            tc,
             validate if val is not None else None,
-            data_size=r.ng_data_size or int(data.y_train.shape[0]),
+            data_size=n,
             transform=_augmentation(cfg, r, data),
             metrics=_train_errors,
             callbacks=callbacks,
             parallel=ddist.parallel(info),
             meta={k: v for k, v in asdict(cfg).items() if k not in _VOLATILE},
+            **extra,
         )
         if hist.stopped:
             epoch = hist.steps // len(loader)
@@ -120,6 +129,12 @@ def train_and_evaluate(
             test = evaluate(method, data.x_test, data.y_test, data.normalize, info=info, **evaluation)
         t_test = time.perf_counter() - t_test
     record = make_record(cfg, r, data, info, method, hist, test, command)
+    record.update(
+        input_norm=cfg.input_norm,
+        vi=aids.describe() if aids is not None else None,
+        eb_priors=aids.eb.summary() if aids is not None and aids.eb is not None else None,
+        ng_options=dict(cfg.ng_options) or None,
+    )
     record.update(seconds=time.perf_counter() - t_start, test_eval_seconds=t_test)
     if say is not None:
         say(
@@ -143,6 +158,9 @@ def _prepare(
     """Data (and the validation split), resolved settings and the method (initialised by
     ``cfg.seed``, the same on every rank)."""
     data = load_dataset(cfg.dataset, cfg.data_dir).limit_train(cfg.limit_train)
+    if cfg.input_norm == "scale":  # x / rms: E[x^2] = 1 per channel, zero pixels stay zero
+        rms = tuple(math.sqrt(m * m + s * s) for m, s in zip(data.mean, data.std))
+        data = dataclasses.replace(data, mean=tuple(0.0 for _ in rms), std=rms)
     val = None
     if cfg.val:
         if cfg.val >= data.y_train.shape[0]:

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mixup-alpha", type=float, default=0.2, help="Beta parameter of mixup (default 0.2)")
     p.add_argument("--cutmix-alpha", type=float, default=1.0, help="Beta parameter of cutmix (default 1.0)")
+    p.add_argument(
+        "--input-norm",
+        choices=("standard", "scale"),
+        default="standard",
+        help="standard: (x - mean) / std per channel; scale: x / rms (not centred, zero pixels stay 0)",
+    )
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
     p.add_argument("--val", type=int, default=0, help="hold out the last N (of --limit-train) for validation")
     p.add_argument("--data-dir", default=None, help="data root (default: $DUALFLOW_DATA, then the cache)")
@@ -105,6 +111,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="architecture option (JSON value), e.g. --arch-opt widths=[8,16,32]; repeatable",
+    )
+    p.add_argument(
+        "--vi-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="prior / schedule of the Bayesian weights (JSON value), e.g. --vi-opt prior=eb "
+        "--vi-opt hold_epochs=2; keys: see dualflow.experiments.classify.VI_OPTIONS; repeatable",
+    )
+    p.add_argument(
+        "--ng-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="natural-gradient optimizer option (JSON value): b1, b2, damping, hold_epochs; repeatable",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--eval-batch-size", type=int, default=500)
@@ -172,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "augment": args.augment,
         "mixup_alpha": args.mixup_alpha,
         "cutmix_alpha": args.cutmix_alpha,
+        "input_norm": args.input_norm,
         "limit_train": args.limit_train,
         "val": args.val,
         "data_dir": args.data_dir,
@@ -184,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         "train_samples": args.train_samples,
         "ng_lr": args.ng_lr,
         "arch_options": parse_key_values(args.arch_opt, "--arch-opt"),
+        "vi_options": parse_key_values(args.vi_opt, "--vi-opt"),
+        "ng_options": parse_key_values(args.ng_opt, "--ng-opt"),
         "checkpoint_every": args.checkpoint_every,
         "eval_batch_size": args.eval_batch_size,
         "threads": args.threads,
