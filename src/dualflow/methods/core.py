@@ -103,6 +103,13 @@ class Method(torch.nn.Module):
         self._build = build
         self._noise_args = (float(noise_var), bool(learn_noise))
         self._make()
+        # set by fit(); a buffer so that state_dict / load_state_dict carry it
+        self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def is_fitted(self) -> bool:
+        """True after :meth:`fit` (and after loading the state of a fitted method)."""
+        return bool(self._fitted)
 
     # ------------------------------------------------------------------ construction
     def _likelihood(self, objective: str = "predictive") -> losses.GaussianLikelihood | None:
@@ -172,9 +179,11 @@ class Method(torch.nn.Module):
         def make(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
             return self.configure_optimizer(params, n, cfg)
 
-        return train_fit(
+        history = train_fit(
             self, _no_loss, train_data, cfg, optimizer=make, step_fn=self._step, eval_fn=eval_fn, **fit_kwargs
         )
+        self._fitted.fill_(True)
+        return history
 
     def forward(self, x: Tensor) -> Any:
         """Alias of :meth:`predict`."""
@@ -200,6 +209,19 @@ class Method(torch.nn.Module):
         var = inner.mean(0) + ((means - mean) ** 2).mean(0)
         return Gaussian(mean, var)
 
+    def predictive(
+        self, x: Tensor, *, samples: int | None = None, propagation: str | None = None
+    ) -> Gaussian | Tensor:
+        """The predictive distribution of :meth:`predict`, differentiable w.r.t. ``x`` and the
+        network parameters, in the module's current train/eval mode, in one batch.
+        (The noise variance enters as a constant: ``noise_var`` is detached.)"""
+        if propagation is not None and propagation not in PROPAGATIONS:
+            raise ValueError(f"unknown propagation {propagation!r}; known: {list(PROPAGATIONS)}")
+        s = self.samples if samples is None else int(samples)
+        if s < 1:
+            raise ValueError(f"samples must be >= 1, got {s}")
+        return self._mix(self._passes(x, s, propagation))
+
     @torch.no_grad()
     def predict(
         self,
@@ -223,17 +245,12 @@ class Method(torch.nn.Module):
             regression: :class:`~dualflow.Gaussian` with mean/variance ``(B, D)`` of ``y``
             (variance including the noise ``tau^2``); classification: probabilities ``(B, C)``.
         """
-        if propagation is not None and propagation not in PROPAGATIONS:
-            raise ValueError(f"unknown propagation {propagation!r}; known: {list(PROPAGATIONS)}")
-        s = self.samples if samples is None else int(samples)
-        if s < 1:
-            raise ValueError(f"samples must be >= 1, got {s}")
         was = self.training
         self.eval()
         dev = next(self.parameters()).device
         try:
             outs = [
-                self._mix(self._passes(x[i : i + batch_size].to(dev), s, propagation))
+                self.predictive(x[i : i + batch_size].to(dev), samples=samples, propagation=propagation)
                 for i in range(0, x.shape[0], batch_size)
             ]
         finally:
