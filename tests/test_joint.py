@@ -307,3 +307,45 @@ def test_warnings_filter_unchanged():
     x, y = _data()
     dj.sample_joint(m, x, y, warmup=10, samples=20, seed=8)
     assert list(warnings.filters) == before
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+@pytest.mark.slow
+def test_cli_boston_smoke(tmp_path, monkeypatch, data_root):
+    import json
+
+    from dualflow.experiments import joint as ej
+    from dualflow.experiments.cli import main
+
+    monkeypatch.setitem(ej.BOSTON_RECIPE, "epochs", 3)
+    args = ["joint", "boston", "--warmup", "5", "--samples", "20", "--energies", "predictive"]
+    args += ["--out-dir", str(tmp_path), "--workdir", "", "--data-dir", str(data_root), "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dj.ConvergenceWarning)  # 25 steps per chain
+        assert main(args) == 0
+    assert (tmp_path / "fig2_boston.png").stat().st_size > 10_000
+    rec = json.loads((tmp_path / "fig2_boston.json").read_text())
+    assert set(rec["chain_sets"]) == {
+        "bp/predictive",
+        "vanilla_a/predictive",
+        "vanilla_b/predictive",
+        "ensemble/predictive",
+    }
+    one = rec["chain_sets"]["bp/predictive"]
+    assert len(one["per_dimension"]) == 14 and one["chains"] == 4 and one["samples_per_chain"] == 20
+    assert {"versions", "seed", "cpu_seconds", "options"} <= set(rec)
+    assert rec["networks"]["bp"]["test_rmse"] > 0
+
+
+def test_cli_rejects_bad_options_before_work(tmp_path, capsys):
+    from dualflow.experiments.cli import main
+
+    assert main(["joint", "mixture", "--chains", "3", "--out-dir", str(tmp_path)]) == 2
+    assert "--chains must be >= 4" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["joint", "mixture", "--out-dir", str(blocker / "sub")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert main(["joint", "images", "--energies", "predictive,expected", "--out-dir", str(tmp_path)]) == 2

@@ -21,7 +21,7 @@ of the training inputs (the maximum-entropy density with the data's first two mo
 tell us), optionally widened by ``scale``. Consequences, stated plainly:
 
 * with ``energy="predictive"`` (``J = -log p(y | x)``, the model's predictive density: the
-  loss Algorithm 1 trains, ``docs`` MATH.md section 2) the ``x``-marginal of ``pi`` is
+  loss Algorithm 1 trains, MATH.md section 2) the ``x``-marginal of ``pi`` is
   **exactly** ``p0`` for every model: a discriminative network carries no information about
   ``p(x)``; every difference between models is in ``y | x``;
 * with ``energy="expected"`` (``J = E_q[-log p(y | x, W)]``, Eq. 2's data term read literally
@@ -33,9 +33,11 @@ tell us), optionally widened by ``scale``. Consequences, stated plainly:
   picture of ``x`` can differ from a point network's (for point weights both energies agree).
 
 Sampler: Pyro's NUTS (or HMC) with dual-averaging step-size and diagonal mass-matrix
-adaptation on the whitened observation ``z = L^{-1}(x - mu)`` (and the label, for
-regression); chains run one after another, each from a perturbed training pair with its own
-seed; split R-hat and effective sample size per dimension from :mod:`pyro.ops.stats`.
+adaptation on the whitened observation ``z = L^{-1}(x - mu)`` (and, for regression, on
+``u = (y - m(x)) / sqrt(V(x))`` by default: an exact change of variables, see
+``parameterization``); chains run one after another, each from a perturbed training pair
+with its own seed; split R-hat and effective sample size per dimension (of ``x`` and ``y``)
+from :mod:`pyro.ops.stats`.
 Pyro is imported lazily (``pip install dualflow[hmc]``).
 
 Labels: regression samples ``(x, y)`` jointly; classification samples ``x | y = k``

@@ -104,9 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_writable(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test_{os.getpid()}")
     try:
+        os.makedirs(path, exist_ok=True)
         with open(probe, "w") as f:
             f.write("")
         os.remove(probe)
