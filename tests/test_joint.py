@@ -152,6 +152,7 @@ def test_classification_label_and_marginal_match_quadrature():
     assert abs(float(res0.x.mean())) <= 4.5 / math.sqrt(float(res0.ess.min())) and n == 600
 
 
+@pytest.mark.filterwarnings("ignore::dualflow.joint.ConvergenceWarning")
 def test_cache_resumes_identical_chains(tmp_path):
     m = _linear_method()
     x, y = _data()
@@ -163,6 +164,7 @@ def test_cache_resumes_identical_chains(tmp_path):
     assert len(list(tmp_path.glob("chain*.pt"))) == 4
 
 
+@pytest.mark.filterwarnings("ignore::dualflow.joint.ConvergenceWarning")
 def test_seeded_runs_are_reproducible_and_leave_global_rng_alone():
     m = _linear_method()
     x, y = _data()
@@ -301,6 +303,7 @@ def test_import_dualflow_does_not_import_pyro():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.filterwarnings("ignore::dualflow.joint.ConvergenceWarning")
 def test_warnings_filter_unchanged():
     before = list(warnings.filters)
     m = _linear_method()

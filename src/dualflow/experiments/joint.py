@@ -96,6 +96,10 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _model_path(workdir: str, key: dict[str, Any]) -> str:
+    return os.path.join(workdir, f"model_{key['name']}_{_digest(key)}.pt")
+
+
 def _fit_cached(
     method: dm.Method,
     data: tuple[Tensor, Tensor],
@@ -108,7 +112,7 @@ def _fit_cached(
     """Train ``method`` (or load its fitted state from ``workdir``); returns timing info."""
     path = None
     if workdir is not None:
-        path = os.path.join(workdir, f"model_{key['name']}_{_digest(key)}.pt")
+        path = _model_path(workdir, key)
         if os.path.isfile(path):
             method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             method.to(device)
@@ -721,31 +725,24 @@ IMAGES_RECIPE: dict[str, Any] = {
     "kl_scale": 0.1,  # KL weight kl_scale / N (1 is Eq. 2); tempered: trains faster in few epochs
     "shrinkage": 1e-2,
     "classes": list(range(10)),
-    # depth 3 (<= 7 leapfrog steps of ~0.25 in whitened units, about half an oscillation of
-    # the base) costs half of depth 4, where the trees hit the limit; measured R-hat <= 1.05
-    "chains": {"warmup": 70, "samples": 120, "max_tree_depth": 3, "init_noise": 0.1},
+    # depth 4 (<= 15 leapfrog steps): depth 3 halves the gradients per draw but gave 4x fewer
+    # effective draws per gradient (split R-hat up to 1.19) in a trial run
+    "chains": {"warmup": 75, "samples": 100, "max_tree_depth": 4, "init_noise": 0.1},
+    "workers": 1,
 }
 
 
-def run_images(opts: JointOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Figure 4 (see the module docstring). Returns the record; writes ``fig4_<dataset>.png``."""
+def _images_setup(opts: JointOptions) -> dict[str, Any]:
+    """Data, recipe, the (untrained) method and its training settings: the same in the parent and
+    in every worker process."""
     from dualflow import models
     from dualflow.experiments.data.images import load_dataset
 
-    t_start = time.perf_counter()
     if len(opts.energies) != 1:
         raise ValueError(f"images: give one energy (--energies predictive or expected), got {opts.energies}")
-    energy = opts.energies[0]
     rc = {**IMAGES_RECIPE, **opts.extra}
-    ch = IMAGES_RECIPE["chains"]
-    warmup = opts.warmup if opts.warmup is not None else ch["warmup"]
-    samples = opts.samples if opts.samples is not None else ch["samples"]
     data = load_dataset(rc["dataset"], opts.data_dir).limit_train(rc["train_subset"])
     x = data.normalize(data.x_train)
-    y = data.y_train
-    n_test = min(2000, int(data.y_test.shape[0]))
-    xt, yt = data.normalize(data.x_test[:n_test]), data.y_test[:n_test]
-    log(f"{data!r}: training on {x.shape[0]} images; {rc['arch']} {rc['arch_options']}")
     build = models.builder(
         rc["arch"],
         num_classes=data.num_classes,
@@ -756,7 +753,6 @@ def run_images(opts: JointOptions, log: Callable[[str], None] = print) -> dict[s
     )
     seed_everything(opts.seed)
     m = dm.create("bp", build, task="classification")
-    n_params = models.count_parameters(m.net)
     cfg = TrainConfig(
         epochs=rc["epochs"],
         batch_size=rc["batch_size"],
@@ -768,42 +764,115 @@ def run_images(opts: JointOptions, log: Callable[[str], None] = print) -> dict[s
     key = {
         "name": f"images_{rc['dataset']}_{rc['arch']}",
         "seed": opts.seed,
-        "recipe": {k: v for k, v in rc.items() if k not in ("classes", "chains")},  # training only
+        "recipe": {k: v for k, v in rc.items() if k not in ("classes", "chains", "workers")},  # training
     }
-    info = _fit_cached(m, (x, y), cfg, key, opts.workdir, log, device=opts.device)
+    return {"rc": rc, "energy": opts.energies[0], "data": data, "x": x, "m": m, "cfg": cfg, "key": key}
+
+
+def _images_base(x: Tensor, rc: dict[str, Any], dev: torch.device) -> dj.GaussianBase:
+    # p0 from (at most) the first 20000 images, on the device (a 3072^2 covariance on CIFAR)
+    return dj.GaussianBase.fit(x[:20000].to(dev), shrinkage=rc["shrinkage"]).to("cpu")
+
+
+def _images_chains(
+    m: dm.Method,
+    su: dict[str, Any],
+    base: dj.GaussianBase,
+    k: int,
+    opts: JointOptions,
+    log: Callable[[str], None],
+) -> dj.JointSamples:
+    """The chain set ``x | y = k`` (cached in ``workdir``)."""
+    rc, ch = su["rc"], IMAGES_RECIPE["chains"]
+    return dj.sample_joint(
+        m,
+        su["x"],
+        su["data"].y_train,
+        base=base,
+        energy=su["energy"],
+        label=int(k),
+        chains=opts.chains,
+        warmup=opts.warmup if opts.warmup is not None else ch["warmup"],
+        samples=opts.samples if opts.samples is not None else ch["samples"],
+        max_tree_depth=ch["max_tree_depth"],
+        init_noise=ch["init_noise"],
+        seed=opts.seed,
+        cache_dir=_chain_cache(opts, f"images_{rc['dataset']}_{rc['arch']}_{su['energy']}_{k}"),
+        progress=opts.progress,
+        log=lambda s: log("    " + s),
+    )
+
+
+def _images_worker(job: tuple[JointOptions, list[int], int]) -> float:
+    """Worker process: rebuild the trained network from ``workdir``, run the chain sets of
+    ``classes`` into the chain cache (the parent then loads them). Returns its CPU seconds."""
+    opts, classes, wid = job
+    torch.set_num_threads(1)
+    c0 = time.process_time()
+    su = _images_setup(opts)
+    m = su["m"]
+    m.load_state_dict(torch.load(_model_path(opts.workdir, su["key"]), map_location="cpu", weights_only=True))
+    dev = torch.device(opts.device)
+    m.to(dev)
+    base = _images_base(su["x"], su["rc"], dev)
+    for k in classes:
+        res = _images_chains(m, su, base, k, opts, lambda s: None)
+        print(
+            f"  [worker {wid}] x|y={k}: max split R-hat {res.max_rhat:.3f}, min ESS {res.min_ess:.0f}",
+            flush=True,
+        )
+    return time.process_time() - c0
+
+
+def run_images(opts: JointOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Figure 4 (see the module docstring). Returns the record; writes ``fig4_<dataset>.png``.
+
+    With ``opts.extra["workers"] = W > 1`` the chain sets run in ``W`` processes (one thread
+    each) that write the chain cache; the results are the same as with one process (every
+    chain's seed depends only on ``seed`` and its index)."""
+    t_start = time.perf_counter()
+    su = _images_setup(opts)
+    rc, energy, data, x, m = su["rc"], su["energy"], su["data"], su["x"], su["m"]
+    workers = int(rc.get("workers", 1))
+    if workers > 1 and opts.workdir is None:
+        raise ValueError("--workers > 1 needs a --workdir (the workers hand their chains over through it)")
+    n_test = min(2000, int(data.y_test.shape[0]))
+    xt, yt = data.normalize(data.x_test[:n_test]), data.y_test[:n_test]
+    log(f"{data!r}: training on {x.shape[0]} images; {rc['arch']} {rc['arch_options']}")
+    from dualflow import models
+
+    n_params = models.count_parameters(m.net)
+    info = _fit_cached(m, (x, data.y_train), su["cfg"], su["key"], opts.workdir, log, device=opts.device)
     dev = torch.device(opts.device)
     acc = float((m.predict(xt.to(dev)).argmax(1).cpu() == yt).float().mean())
     log(f"  test accuracy {acc:.3f} on the first {n_test} test images ({n_params} parameters)")
-    # p0 from (at most) the first 20000 images, on the device (a 3072^2 covariance on CIFAR)
-    base = dj.GaussianBase.fit(x[:20000].to(dev), shrinkage=rc["shrinkage"]).to("cpu")
+    base = _images_base(x, rc, dev)
+    classes = [int(k) for k in rc["classes"]]
+    worker_cpu: list[float] = []
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        log(f"sampling {len(classes)} chain sets in {workers} worker processes")
+        jobs = [(opts, classes[i::workers], i) for i in range(workers)]
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            worker_cpu = list(pool.map(_images_worker, jobs))
     records: dict[str, Any] = {}
     shown: dict[int, dict[str, Tensor]] = {}
-    for k in rc["classes"]:
+    ch = IMAGES_RECIPE["chains"]
+    for k in classes:
         rid = f"{energy}/x|y={k}"
         t0 = time.perf_counter()
-        log(f"sampling {rid}: {opts.chains} chains x ({warmup} + {samples}) NUTS on {base.dim} pixels")
-        res = dj.sample_joint(
-            m,
-            x,
-            y,
-            base=base,
-            energy=energy,
-            label=int(k),
-            chains=opts.chains,
-            warmup=warmup,
-            samples=samples,
-            max_tree_depth=ch["max_tree_depth"],
-            init_noise=ch["init_noise"],
-            seed=opts.seed,
-            cache_dir=_chain_cache(opts, f"images_{rc['dataset']}_{rc['arch']}_{energy}_{k}"),
-            progress=opts.progress,
-            log=lambda s: log("    " + s),
+        log(
+            f"sampling {rid}: {opts.chains} chains x ({opts.warmup or ch['warmup']} + "
+            f"{opts.samples or ch['samples']}) NUTS on {base.dim} pixels"
         )
+        res = _images_chains(m, su, base, k, opts, log)
         _log_result(log, rid, res)
         starts = torch.stack([x[ci["start_index"]] for ci in res.chains_info])
-        p_k = res.label_probs[..., int(k)]
+        p_k = res.label_probs[..., k]
         with torch.no_grad():
-            p_start = m.predict(starts.to(dev)).cpu()[:, int(k)]
+            p_start = m.predict(starts.to(dev)).cpu()[:, k]
         rh = res.rhat
         s = res.summary(per_dim=False)
         bad = res.not_converged()
@@ -819,7 +888,7 @@ def run_images(opts: JointOptions, log: Callable[[str], None] = print) -> dict[s
                 (base.whiten(res.x.reshape(-1, base.dim)) ** 2).sum(1).mean()
             ),
         }
-        shown[int(k)] = {
+        shown[k] = {
             "start": starts,
             "last": res.x[:, -1],
             "mean": res.x.reshape(-1, *x.shape[1:]).mean(0),
@@ -841,6 +910,8 @@ def run_images(opts: JointOptions, log: Callable[[str], None] = print) -> dict[s
         "data": {"name": data.name, "source": data.source, "lossy": data.lossy},
         "chain_sets": records,
         "all_converged": all(r["converged"] for r in records.values()),
+        "workers": workers,
+        "worker_cpu_seconds": worker_cpu,
         "png": png,
         "seconds": time.perf_counter() - t_start,
     }
