@@ -350,5 +350,21 @@ def test_cli_rejects_bad_options_before_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["joint", "mixture", "--out-dir", str(blocker / "sub")]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert "cannot write --out-dir" in capsys.readouterr().err
+    assert main(["joint", "mixture", "--samples", "10", "--out-dir", str(tmp_path)]) == 2
+    assert "--samples must be >= 20" in capsys.readouterr().err
+    assert main(["joint", "images", "--workers", "2", "--workdir", "", "--out-dir", str(tmp_path)]) == 2
+    assert "needs a --workdir" in capsys.readouterr().err
     assert main(["joint", "images", "--energies", "predictive,expected", "--out-dir", str(tmp_path)]) == 2
+    assert "give one energy" in capsys.readouterr().err
+
+
+def test_cli_without_pyro_names_the_pip_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from dualflow.experiments.cli import main
+
+    monkeypatch.setitem(sys.modules, "pyro", None)  # import pyro -> ImportError
+    assert main(["joint", "mixture", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'dualflow[hmc]'" in err

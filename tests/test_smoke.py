@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,3 +39,42 @@ def test_small_mlp_forward():
     out = net(torch.randn(5, 3))
     assert isinstance(out, df.Gaussian)
     assert out.mean.shape == (5, 2) and bool((out.var > 0).all())
+
+
+def test_submodules_are_attributes_and_import_stays_light():
+    """``import dualflow as df; df.methods`` works (also ``optim``, ``graphical``, ``models``);
+    ``import dualflow`` itself imports none of them and no experiment dependency."""
+    heavy = ["matplotlib", "sklearn", "dualflow.experiments", "dualflow.models"]
+    code = (
+        "import sys, dualflow as df\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+        "print(df.methods.available()[0], df.optim.NaturalGradient.__name__, df.graphical.__name__, "
+        "df.models.list_models()[0])\n"
+        "print(sorted(set(dir(df)) >= {'methods', 'optim', 'graphical', 'models'} for _ in [0]))\n"
+        "print('matplotlib' in sys.modules, 'sklearn' in sys.modules)\n"
+        "try:\n    df.nope\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[]", lines
+    assert lines[1] == "bp NaturalGradient dualflow.graphical densenet_bc", lines
+    assert lines[2] == "[True]" and lines[3] == "False False", lines
+    assert lines[4] == "module 'dualflow' has no attribute 'nope'"
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
+    """Every ``python`` code block of the README runs, in order, in one fresh namespace (later
+    blocks use names of earlier ones, as a reader would). Only the epoch counts are cut to 2."""
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 3, "the README lost its code examples"
+    monkeypatch.chdir(tmp_path)  # snippets may write checkpoints under ./run
+    ns: dict = {}
+    for k, code in enumerate(blocks):
+        code = re.sub(r"epochs=\d+", "epochs=2", code)
+        exec(compile(code, f"README.md python block {k}", "exec"), ns)
+    assert isinstance(ns["p"], df.Gaussian)

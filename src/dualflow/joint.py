@@ -21,7 +21,7 @@ of the training inputs (the maximum-entropy density with the data's first two mo
 tell us), optionally widened by ``scale``. Consequences, stated plainly:
 
 * with ``energy="predictive"`` (``J = -log p(y | x)``, the model's predictive density: the
-  loss Algorithm 1 trains, MATH.md section 2) the ``x``-marginal of ``pi`` is
+  loss Algorithm 1 trains, docs/maths.md section 2) the ``x``-marginal of ``pi`` is
   **exactly** ``p0`` for every model: a discriminative network carries no information about
   ``p(x)``; every difference between models is in ``y | x``;
 * with ``energy="expected"`` (``J = E_q[-log p(y | x, W)]``, Eq. 2's data term read literally
@@ -318,11 +318,16 @@ class JointEnergy:
         self.evaluations = 0
 
     @property
+    def random_weights(self) -> bool:
+        """The method's weights are random under ``q`` (Gaussian weights, or MC dropout's masks),
+        read from its traits; ``E_q J != J`` only then."""
+        traits = getattr(self.model, "traits", None)
+        return traits is None or bool(traits.gaussian or traits.mc_dropout)
+
+    @property
     def uses_random_stream(self) -> bool:
         """The energy depends on a fixed random stream (sampled predictive or weight draws)."""
-        expected_draws = (
-            self.energy == "expected" and self.task == "classification" and getattr(self.model, "bayes", True)
-        )
+        expected_draws = self.energy == "expected" and self.task == "classification" and self.random_weights
         return self.crn or expected_draws
 
     @torch.no_grad()
@@ -400,7 +405,7 @@ class JointEnergy:
                 "energy='expected' for a classification network needs weight draws: wrap it in a "
                 "dualflow method (dualflow.methods.create) or use energy='predictive'"
             )
-        if not getattr(self.model, "bayes", True):  # point weights (vanilla, ensemble): E_q J = J
+        if not self.random_weights:  # point weights (vanilla, ensemble): E_q J = J
             p = self._pred(xf, self.samples, self.propagation)
             self._check_probs(p)
             return -torch.log(p.clamp_min(tiny))

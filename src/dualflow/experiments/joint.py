@@ -96,8 +96,14 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: version of ``Method.state_dict``'s layout in the cache key: a network cached by code with
+#: another layout (the pre-``Traits`` methods kept ``net.*``, not ``members.0.*``) is retrained,
+#: never half-loaded
+_STATE_LAYOUT = 2
+
+
 def _model_path(workdir: str, key: dict[str, Any]) -> str:
-    return os.path.join(workdir, f"model_{key['name']}_{_digest(key)}.pt")
+    return os.path.join(workdir, f"model_{key['name']}_{_digest(key | {'state_layout': _STATE_LAYOUT})}.pt")
 
 
 def _fit_cached(

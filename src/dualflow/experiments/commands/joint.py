@@ -34,6 +34,10 @@ FIGURE_HELP = {
 }
 
 
+#: output stem (``<stem>.png`` / ``.json``) per figure; images: ``fig4_<dataset>``
+_DEFAULT_STEMS = {"boston": "fig2_boston", "mixture": "fig3_mixture", "images": "fig4"}
+
+
 def _energies(s: str) -> tuple[str, ...]:
     from dualflow.joint import ENERGIES
 
@@ -95,9 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "--train-subset",
                 type=int,
                 default=None,
-                help="first N training images (0: all; default 10000)",
+                help="first N training images (0: all; default 20000)",
             )
-            q.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
+            q.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
             q.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
             q.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-3)")
             q.add_argument("--classes", default=None, help="comma-separated labels to sample (default all)")
@@ -105,37 +109,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "--workers",
                 type=int,
                 default=None,
-                help="processes (one thread each) running the chain sets (default 1; 2 on a 2-core machine)",
+                help="processes (one thread each) running the chain sets; needs --workdir (default 1)",
             )
 
 
-def _check_writable(path: str) -> None:
-    probe = os.path.join(path, f".write_test_{os.getpid()}")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("")
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"output folder {path!r} is not writable: {err}") from err
-
-
 def run(args: argparse.Namespace) -> int:
+    from dualflow.experiments.io import check_writable, require_extra
+
+    # outputs and extras first: before any data is read or any network trained
+    stem = f"fig4_{args.dataset}" if args.figure == "images" else None
+    check_writable(args.out_dir, "dir", option="--out-dir")
+    for suffix in (".png", ".json"):
+        name = (stem or _DEFAULT_STEMS[args.figure]) + suffix
+        check_writable(os.path.join(args.out_dir, name), option="--out-dir")
+    check_writable(args.workdir or None, "dir", option="--workdir")
+    require_extra("hmc", purpose="dualflow joint (NUTS)")
+    require_extra("plot", purpose="dualflow joint (figures)")
+
     from dualflow.experiments import joint as ej
     from dualflow.experiments.cli import parse_key_values
-    from dualflow.joint import MIN_CHAINS, _require_pyro
+    from dualflow.joint import MIN_CHAINS, MIN_SAMPLES
 
-    _require_pyro()
     torch.set_num_threads(max(1, args.threads))
     if args.chains < MIN_CHAINS:
         raise ValueError(f"--chains must be >= {MIN_CHAINS} (split R-hat across chains), got {args.chains}")
+    if args.samples is not None and args.samples < MIN_SAMPLES:
+        raise ValueError(f"--samples must be >= {MIN_SAMPLES} per chain (split R-hat), got {args.samples}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    _check_writable(args.out_dir)  # before any training
-    if args.workdir:
-        _check_writable(args.workdir)
+    if args.figure == "images" and len(args.energies) != 1:
+        raise ValueError(f"images: give one energy (--energies predictive or expected), got {args.energies}")
+    workers = getattr(args, "workers", None)
+    if workers is not None and (workers < 1 or (workers > 1 and not args.workdir)):
+        raise ValueError(
+            f"--workers must be >= 1 and > 1 needs a --workdir (the chains' hand-over), got {workers}"
+        )
     extra: dict = {}
-    stem = None
     if args.figure == "images":
         if args.dataset not in ("mnist", "cifar10"):
             raise ValueError(f"--dataset must be mnist or cifar10, got {args.dataset!r}")
@@ -150,7 +161,6 @@ def run(args: argparse.Namespace) -> int:
                 extra[k] = v if not (k == "train_subset" and v == 0) else None
         if args.classes:
             extra["classes"] = [int(c) for c in args.classes.split(",") if c.strip()]
-        stem = f"fig4_{args.dataset}"
     options = ej.JointOptions(
         out_dir=args.out_dir,
         workdir=args.workdir or None,
