@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gradvar": ("gradvar", "gradient variance vs batch size: BP vs reparam/local/flipout (Figure 1 a/c)"),
     "convergence": ("convergence", "train/validation loss per epoch: BP vs sampling methods (Figure 1 b/d)"),
     "classify": ("classify", "image classification (Table 1): error/NLL/ECE/Brier, resume, AMP, DDP"),
+    "joint": ("joint", "joint (observation, label) distribution of trained networks by NUTS (Figures 2-4)"),
 }
 
 

@@ -35,6 +35,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "plot": {"matplotlib": "matplotlib"},
     "experiments": {"matplotlib": "matplotlib", "sklearn": "scikit-learn"},
     "augment": {"kornia": "kornia"},
+    "hmc": {"pyro": "pyro-ppl"},
 }
 
 
