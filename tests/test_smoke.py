@@ -69,12 +69,13 @@ def _readme_python_blocks() -> list[str]:
 
 def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     """Every ``python`` code block of the README runs, in order, in one fresh namespace (later
-    blocks use names of earlier ones, as a reader would). Only the epoch counts are cut to 2."""
+    blocks use names of earlier ones, as a reader would). Only the epoch counts (to 2) and HMC draws (to 20) are cut."""
     blocks = _readme_python_blocks()
     assert len(blocks) >= 3, "the README lost its code examples"
     monkeypatch.chdir(tmp_path)  # snippets may write checkpoints under ./run
     ns: dict = {}
     for k, code in enumerate(blocks):
         code = re.sub(r"epochs=\d+", "epochs=2", code)
+        code = re.sub(r"(warmup|samples)=\d+", r"\1=20", code)
         exec(compile(code, f"README.md python block {k}", "exec"), ns)
     assert isinstance(ns["p"], df.Gaussian)
