@@ -194,13 +194,13 @@ def test_schedule():
 
 
 def test_same_seed_same_numbers(data_root, uci_root):
-    opts = uci.RunOptions(data_dir=str(data_root), overrides=dict(QUICK))
+    opts = uci.RunOptions(data_dir=str(data_root), select=True, overrides=dict(QUICK))
     a = uci.run_split("yacht", 1, "bp", opts)
     b = uci.run_split("yacht", 1, "bp", opts)
     assert (a["rmse"], a["ll"], a["hyperparameters"]) == (b["rmse"], b["ll"], b["hyperparameters"])
     assert [t["val_ll"] for t in a["selection"]["trials"]] == [t["val_ll"] for t in b["selection"]["trials"]]
     c = uci.run_split(
-        "yacht", 1, "bp", uci.RunOptions(data_dir=str(data_root), seed=1, overrides=dict(QUICK))
+        "yacht", 1, "bp", uci.RunOptions(data_dir=str(data_root), seed=1, select=True, overrides=dict(QUICK))
     )
     assert c["seed"] != a["seed"] and c["ll"] != a["ll"]
     assert len(a["selection"]["trials"]) == len(uci.METHODS["bp"].grid)
@@ -209,7 +209,7 @@ def test_same_seed_same_numbers(data_root, uci_root):
 
 
 def test_two_workers_give_the_same_records(tmp_path, data_root, uci_root):
-    opts = uci.RunOptions(data_dir=str(data_root), select=False, overrides=dict(QUICK))
+    opts = uci.RunOptions(data_dir=str(data_root), overrides=dict(QUICK))
     kw = dict(splits=2, log=lambda _m: None)
     one = uci.run_benchmark(["yacht"], ["bp"], opts, workers=1, **kw)
     two = uci.run_benchmark(["yacht"], ["bp"], opts, workers=2, out=tmp_path / "r.json", **kw)
@@ -229,7 +229,9 @@ def test_diverging_candidate_is_skipped(monkeypatch, data_root, uci_root):
         return real(method, hp, *args, **kw)
 
     monkeypatch.setattr(uci, "train_and_evaluate", flaky)
-    r = uci.run_split("yacht", 0, "bp", uci.RunOptions(data_dir=str(data_root), overrides=dict(QUICK)))
+    r = uci.run_split(
+        "yacht", 0, "bp", uci.RunOptions(data_dir=str(data_root), select=True, overrides=dict(QUICK))
+    )
     assert r["hyperparameters"]["lr"] == 0.03 and not r["failed"] and math.isfinite(r["ll"])
     assert sum(t["val_ll"] == -math.inf for t in r["selection"]["trials"]) == 2
 
@@ -237,9 +239,12 @@ def test_diverging_candidate_is_skipped(monkeypatch, data_root, uci_root):
 @pytest.mark.parametrize("method", list(uci.METHODS))
 def test_every_method_runs_through_the_runner(method, data_root, uci_root):
     assert method in uci.available_methods()
-    opts = uci.RunOptions(data_dir=str(data_root), select=False, overrides={**QUICK, "samples": 4})
+    opts = uci.RunOptions(data_dir=str(data_root), overrides={**QUICK, "samples": 4})
     r = uci.run_split("yacht", 0, method, opts)
     assert r["implementation"] == "dualflow.methods" and not r["failed"]
+    assert r["protocol"] == "default recipe" and r["variant"] == "samples=4"  # forced: a variant
+    assert r["label"] == f"{method} (samples=4)"
+    assert r["hyperparameters"] == {**uci.METHODS[method].defaults, **QUICK, "samples": 4}
     assert math.isfinite(r["ll"]) and 0 < r["rmse"] < 100
 
 
@@ -273,6 +278,24 @@ def test_cli_smoke_run_writes_records_and_report(tmp_path, data_root, uci_root):
     assert "| yacht |" in text and "ours: bp" in text and "paper BP" in text and "DVI" in text
     assert "hand-written notes" in text and "## Protocol" in text and "dualflow uci --dataset yacht" in text
     assert (tmp_path / "rep" / "uci.png").stat().st_size > 5000
+
+
+def test_searched_and_heteroscedastic_rows_are_separate(tmp_path, data_root, uci_root):
+    """Default, --search and noise=heteroscedastic runs of one method into one file: three rows,
+    and --resume skips only the records of the same variant."""
+    out = tmp_path / "uci.json"
+    base = ["uci", "--dataset", "yacht", "--method", "bp", "--splits", "1", "--steps", "20"]
+    base += ["--data-dir", str(data_root), "--out", str(out), "--quiet"]
+    for extra in ([], ["--search"], ["--set", "noise=heteroscedastic"], ["--resume", "--search"]):
+        assert main([*base, *extra]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert sorted(r["label"] for r in recs) == ["bp", "bp (heteroscedastic)", "bp (search)"]
+    search = next(r for r in recs if r["variant"] == "search")
+    assert search["protocol"] == "search" and len(search["selection"]["trials"]) == 3
+    het = next(r for r in recs if r["variant"] == "heteroscedastic")
+    assert het["hyperparameters"]["noise"] == "heteroscedastic" and math.isfinite(het["ll"])
+    summary = uci.summarize(uci.load_records([out]))
+    assert set(summary) == {("yacht", "bp"), ("yacht", "bp (search)"), ("yacht", "bp (heteroscedastic)")}
 
 
 def test_report_marks_standing_and_best():

@@ -16,6 +16,7 @@ Predictive distributions (:meth:`Method.predict`):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -26,8 +27,8 @@ from dualflow import losses
 from dualflow.gaussian import Gaussian, as_gaussian
 from dualflow.methods.builders import Builder
 from dualflow.methods.propagation import mc_dropout, propagation, set_propagation
-from dualflow.nn.base import PROPAGATIONS
-from dualflow.optim import NaturalGradient
+from dualflow.nn.base import PRIORS, PROPAGATIONS, set_prior
+from dualflow.optim import NaturalGradient, ggn_surrogate
 from dualflow.train import History, TrainConfig, make_optimizer
 from dualflow.train import fit as train_fit
 
@@ -41,6 +42,11 @@ __all__ = [
 ]
 
 TASKS = ("regression", "classification")
+#: observation-noise models of regression methods (option ``noise``): ``"homoscedastic"``
+#: (one learned ``tau^2``), ``"empirical"`` (one ``tau^2`` fitted in closed form to the ELBO,
+#: needs ``objective="elbo"``), ``"heteroscedastic"`` (the network's second half of outputs is
+#: ``log tau^2(x)``: :class:`~dualflow.losses.HeteroscedasticLikelihood`)
+NOISES = ("homoscedastic", "empirical", "heteroscedastic")
 
 
 def _data_size(data: Any) -> int:
@@ -67,6 +73,14 @@ class Method(torch.nn.Module):
         noise_var: initial (or fixed) observation noise variance ``tau^2`` (regression).
         learn_noise: learn ``tau^2`` by gradient (regression).
         dropout: dropout rate passed to ``build`` (default: 0, MC dropout: 0.1).
+        prior: prior of the Gaussian weights, ``"fixed"`` or ``"empirical"`` (empirical Bayes
+            per weight tensor, :func:`dualflow.nn.set_prior`); default: for regression the
+            method's ``default_prior`` (``bp``, ``bp-ng``: ``"empirical"``; others ``"fixed"``),
+            for classification ``"fixed"`` (measured: on a 130-example classification set the
+            empirical prior shrinks until the network collapses to the prior, test NLL 0.60
+            after 20 epochs and log 3 after 60, against 0.20 and 0.18 with the fixed prior).
+        noise: observation-noise model (regression), one of :data:`NOISES`. With
+            ``"heteroscedastic"`` ``build`` must return ``2 D`` outputs.
     """
 
     name: ClassVar[str] = ""
@@ -75,6 +89,9 @@ class Method(torch.nn.Module):
     #: the network has Gaussian weights
     bayes: ClassVar[bool] = True
     default_dropout: ClassVar[float] = 0.0
+    default_prior: ClassVar[str] = "fixed"
+    #: loss form of the likelihood (``bp``/``bp-ng`` take it as an option)
+    objective: str = "predictive"
 
     def __init__(
         self,
@@ -86,8 +103,20 @@ class Method(torch.nn.Module):
         noise_var: float = 1.0,
         learn_noise: bool = True,
         dropout: float | None = None,
+        prior: str | None = None,
+        noise: str = "homoscedastic",
     ) -> None:
         super().__init__()
+        if prior is None:  # the method's default; empirical Bayes only where it was measured to help
+            prior = self.default_prior if task == "regression" else "fixed"
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+        if noise not in NOISES:
+            raise ValueError(f"noise must be one of {list(NOISES)}, got {noise!r}")
+        if noise == "empirical" and self.objective != "elbo":
+            raise ValueError("noise='empirical' (closed-form ELBO noise) needs objective='elbo'")
+        self.prior = prior
+        self.noise = noise
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         if samples < 1:
@@ -105,14 +134,24 @@ class Method(torch.nn.Module):
         self._make()
 
     # ------------------------------------------------------------------ construction
-    def _likelihood(self, objective: str = "predictive") -> losses.GaussianLikelihood | None:
+    def _likelihood(self, objective: str = "predictive") -> torch.nn.Module | None:
         if self.task != "regression":
             return None
         nv, learn = self._noise_args
-        return losses.GaussianLikelihood(noise_var=nv, learn=learn, objective=objective)
+        if self.noise == "heteroscedastic":
+            return losses.HeteroscedasticLikelihood(noise_var=nv, objective=objective)
+        return losses.GaussianLikelihood(
+            noise_var=nv, learn=learn, objective=objective, empirical=self.noise == "empirical"
+        )
+
+    def _new_net(self, bayes: bool) -> torch.nn.Module:
+        net = self._build(bayes, self.dropout)
+        if bayes:
+            set_prior(net, self.prior)
+        return net
 
     def _make(self) -> None:
-        self.net = self._build(self.bayes, self.dropout)
+        self.net = self._new_net(self.bayes)
         if self.bayes and self.train_propagation != "moments":
             set_propagation(self.net, self.train_propagation)
         self.likelihood = self._likelihood()
@@ -193,7 +232,12 @@ class Method(torch.nn.Module):
     def _mix(self, passes: list[tuple[Any, Tensor | None]]) -> Gaussian | Tensor:
         if self.task == "classification":
             return torch.stack([losses.predictive_probs(out) for out, _ in passes]).mean(0)
-        gs = [as_gaussian(out) for out, _ in passes]
+        if self.noise == "heteroscedastic":  # per-input noise: v_f + E[tau^2(x)]
+            het = losses.HeteroscedasticLikelihood(noise_var=self._noise_args[0])
+            gs = [het.predictive(out) for out, _ in passes]
+            passes = [(out, 0.0) for out, _ in passes]
+        else:
+            gs = [as_gaussian(out) for out, _ in passes]
         means = torch.stack([g.mean for g in gs])
         inner = torch.stack([g.var + nv for g, (_, nv) in zip(gs, passes)])
         mean = means.mean(0)
@@ -269,10 +313,13 @@ class BPMethod(Method):
     with the probit approximation for classification) plus ``KL/N``; gradients by autodiff
     (backprop = smoothing, Theorems 1-2). Adam (``TrainConfig.optimizer``) by default.
 
-    Options: ``objective="predictive"|"elbo"`` (regression).
+    Options: ``objective="predictive"|"elbo"`` (regression); ``prior`` (regression default
+    ``"empirical"``: each weight tensor's prior variance is fitted to the ELBO in closed form,
+    :func:`dualflow.nn.empirical_prior_var`; classification default ``"fixed"``); ``noise``.
     """
 
     name = "bp"
+    default_prior = "empirical"
 
     def __init__(self, build: Any, task: str = "regression", *, objective: str = "predictive", **kw: Any):
         if objective not in ("predictive", "elbo"):
@@ -281,7 +328,7 @@ class BPMethod(Method):
         super().__init__(build, task, **kw)
 
     def _make(self) -> None:
-        self.net = self._build(True, self.dropout)
+        self.net = self._new_net(True)
         self.likelihood = self._likelihood(self.objective)
 
 
@@ -306,15 +353,47 @@ class BPNGMethod(BPMethod):
         ng_lr: float = 0.1,
         ng_betas: tuple[float, float] = (0.9, 0.1),
         positivity: str = "split",
+        max_step_sd: float | None = None,
+        precision_debias: bool = False,
+        curvature: str = "gradient",
         **kw: Any,
     ):
-        self.ng = {"lr": float(ng_lr), "betas": tuple(ng_betas), "positivity": positivity}
+        if curvature not in ("gradient", "ggn"):
+            raise ValueError(f"curvature must be 'gradient' or 'ggn', got {curvature!r}")
+        self.ng = {
+            "lr": float(ng_lr),
+            "betas": tuple(ng_betas),
+            "positivity": positivity,
+            "max_step_sd": max_step_sd,
+            "precision_debias": bool(precision_debias),
+        }
+        self.curvature = curvature
         super().__init__(build, task, **kw)
+
+    def _step(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        out = self.net(x)
+        opt = self.__dict__.get("_ng_opt")
+        opt = opt() if opt is not None else None
+        if (
+            self.curvature == "ggn"
+            and self.task == "regression"
+            and opt is not None
+            and torch.is_grad_enabled()
+        ):
+            g = as_gaussian(out)
+            if self.noise == "heteroscedastic":
+                f, e_tau2, _ = losses.heteroscedastic_moments(
+                    g, self.likelihood.offset, self.likelihood.min_noise_var
+                )
+                opt.set_curvature(ggn_surrogate(f, e_tau2.detach()))
+            else:
+                opt.set_curvature(ggn_surrogate(g, self.likelihood.noise_var.detach()))
+        return self._nll(out, y)
 
     def configure_optimizer(
         self, params: list[torch.nn.Parameter], data_size: int, config: TrainConfig
     ) -> torch.optim.Optimizer:
-        return NaturalGradient(
+        opt = NaturalGradient(
             params,
             data_size,
             model=self,
@@ -323,6 +402,8 @@ class BPNGMethod(BPMethod):
             weight_decay=config.weight_decay,
             **self.ng,
         )
+        self.__dict__["_ng_opt"] = weakref.ref(opt)  # _step hands it the GGN curvature
+        return opt
 
 
 class VanillaMethod(Method):
@@ -458,9 +539,7 @@ class EnsembleMethod(Method):
     bayes = False
 
     def _make(self) -> None:
-        self.members = torch.nn.ModuleList(
-            [self._build(False, self.dropout) for _ in range(self.ensemble_size)]
-        )
+        self.members = torch.nn.ModuleList([self._new_net(False) for _ in range(self.ensemble_size)])
         liks = [self._likelihood() for _ in range(self.ensemble_size)]
         self.likelihoods = torch.nn.ModuleList(liks) if self.task == "regression" else None
         self.likelihood = None

@@ -15,7 +15,17 @@ from dualflow.nn.activations import (
     Softplus,
     Tanh,
 )
-from dualflow.nn.base import BayesLayer, Module, kl, kl_normal, set_checks
+from dualflow.nn.base import (
+    EMPIRICAL_PSEUDO_COUNT,
+    PRIORS,
+    BayesLayer,
+    Module,
+    empirical_prior_var,
+    kl,
+    kl_normal,
+    set_checks,
+    set_prior,
+)
 from dualflow.nn.convert import CONVERTERS, from_torch
 from dualflow.nn.dropout import Dropout
 from dualflow.nn.layers import Conv1d, Conv2d, Linear
@@ -37,7 +47,9 @@ __all__ = [
     "ACTIVATIONS",
     "CONVERTERS",
     "ELU",
+    "EMPIRICAL_PSEUDO_COUNT",
     "GELU",
+    "PRIORS",
     "Activation",
     "Add",
     "AddNoise",
@@ -65,8 +77,10 @@ __all__ = [
     "Sigmoid",
     "Softplus",
     "Tanh",
+    "empirical_prior_var",
     "from_torch",
     "kl",
     "kl_normal",
     "set_checks",
+    "set_prior",
 ]
