@@ -7,7 +7,7 @@ below import, and reports test log-likelihood and RMSE in the original units (th
 predictive density of ``y``, noise included; sampled predictives moment-matched to a
 Gaussian, as the runner does):
 
-* ``bp``: dualflow's default recipe (what ``dualflow uci`` runs, no search);
+* ``bp``, ``bp-ng``: dualflow's default recipes (what ``dualflow uci`` runs, no search);
 * ``map``: the point network (``torch.nn``), Adam with cosine decay at the recipe's step
   size, learned homoscedastic noise, Gaussian prior ``N(0, gain^2 / fan_in)`` as weight decay
   (MAP); the network the Laplace approximation starts from;
@@ -46,6 +46,7 @@ resumes), the table to ``benchmarks/results/peers_uci.md``. One thread per proce
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -68,9 +69,16 @@ from dualflow.experiments.data.uci import Standardizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = 32
-PEERS = ("bp", "map", "laplace", "bayesian-torch", "ivon")
+PEERS = ("bp", "bp-ng", "map", "laplace", "bayesian-torch", "ivon")
 #: the module each peer needs (``None``: always available) and its distribution on PyPI
-NEEDS = {"bp": None, "map": None, "laplace": "laplace", "bayesian-torch": "bayesian_torch", "ivon": "ivon"}
+NEEDS = {
+    "bp": None,
+    "bp-ng": None,
+    "map": None,
+    "laplace": "laplace",
+    "bayesian-torch": "bayesian_torch",
+    "ivon": "ivon",
+}
 DISTRIBUTIONS = {"laplace": "laplace-torch", "bayesian-torch": "bayesian-torch", "ivon": "ivon-opt"}
 IVON_LR = 0.03
 
@@ -144,7 +152,9 @@ def _train_map(x: Tensor, y: Tensor, hidden: int, hp: dict[str, Any], bs: int, e
 # ----------------------------------------------------------------------------- the peers
 
 
-def _run_bp(x, y, xte, hidden, hp, bs, epochs, seed) -> df.Gaussian:
+def _run_bp(x, y, xte, hidden, hp, bs, epochs, seed, method: str = "bp") -> df.Gaussian:
+    if method != "bp":  # bp-ng: its own default recipe (the same steps, so the same schedule)
+        hp = uci.resolve_hyperparameters(dict(uci.METHODS[method].defaults), bs, x.shape[0])
     cfg = df.train.TrainConfig(
         epochs=epochs,
         batch_size=bs,
@@ -155,7 +165,7 @@ def _run_bp(x, y, xte, hidden, hp, bs, epochs, seed) -> df.Gaussian:
         progress=False,
     )
     df.train.seed_everything(seed)
-    m = uci.create_method("bp", x.shape[1], hidden, hp)
+    m = uci.create_method(method, x.shape[1], hidden, hp)
     m.fit(x, y, cfg)
     return m.predict(xte)
 
@@ -245,6 +255,7 @@ def _run_ivon(x, y, xte, hidden, hp, bs, epochs, seed) -> df.Gaussian:
 
 RUNNERS: dict[str, Callable[..., df.Gaussian]] = {
     "bp": _run_bp,
+    "bp-ng": functools.partial(_run_bp, method="bp-ng"),
     "map": _run_map,
     "laplace": _run_laplace,
     "bayesian-torch": _run_bayesian_torch,

@@ -62,6 +62,24 @@ def test_elbo_form_and_predictive_moments_match_monte_carlo():
     assert bool(((pred.var - var_mc).abs() / var_mc < 0.02).all())
 
 
+def test_gauss_newton_surrogate_matches_the_homoscedastic_one_without_noise_uncertainty():
+    """With v_z = 0 the heteroscedastic curvature surrogate is the homoscedastic one at
+    tau^2 = E[tau^2] (the log-variance column adds v_z F_z = 0); it is >= 0 and its gradient
+    in v_z is F_z / 2 = E[tau^2]^2 / (4 s^2)."""
+    out = _out(6, seed=4)
+    lik = df.losses.HeteroscedasticLikelihood(0.5, min_noise_var=0.0)
+    point_z = df.Gaussian(out.mean, torch.cat([out.var[:, :1], torch.zeros(6, 1, dtype=D)], 1))
+    f, e_tau2, _ = df.losses.heteroscedastic_moments(point_z, lik.offset, 0.0)
+    ref = (f.var / (f.var + e_tau2)).sum(1).mean() * 0.5
+    torch.testing.assert_close(lik.ggn_surrogate(point_z), ref, rtol=1e-12, atol=0)
+    v = out.var.clone().requires_grad_(True)
+    lik.ggn_surrogate(df.Gaussian(out.mean, v)).backward()
+    e_tau2 = df.losses.heteroscedastic_moments(out, lik.offset, 0.0)[1]
+    s = out.var[:, :1] + e_tau2
+    torch.testing.assert_close(v.grad[:, 1:], (e_tau2 / s) ** 2 / 4 / 6, rtol=1e-10, atol=0)
+    assert bool((v.grad >= 0).all())
+
+
 def test_bad_shapes_give_a_clear_error():
     with pytest.raises(ValueError, match="2 D"):
         df.losses.heteroscedastic_nll(df.Gaussian(torch.zeros(4, 3), torch.ones(4, 3)), torch.zeros(4, 1))

@@ -325,3 +325,29 @@ def test_load_results_rejects_bad_files(tmp_path):
         uci.load_results([p])
     with pytest.raises(FileNotFoundError):
         uci.load_results([tmp_path / "missing.json"])
+
+
+def test_two_phase_start_holds_the_variances_then_releases_them(data_root, uci_root):
+    """mean_phase: the first share of the epochs trains the means only (every weight sd held),
+    then all parameters; the run's result is finite and every rho is trainable again."""
+    ds = uci.load_uci("yacht", str(data_root))
+    xtr, ytr, xte, yte = ds.split(0)
+    hp = {**uci.METHODS["bp"].defaults, "steps": 40, "mean_phase": 0.5, "mean_phase_sd": 1e-3}
+    seen = []
+    real = uci._hold_variances
+
+    def spy(net, sd):
+        seen.append(sd)
+        real(net, sd)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(uci, "_hold_variances", spy):
+        r = uci.train_and_evaluate("bp", hp, xtr, ytr, xte, yte, hidden=ds.n_hidden, epochs=40, seed=0)
+    assert seen == [1e-3, None] and math.isfinite(r["ll"])
+    net = torch.nn.Sequential(df.nn.Linear(3, 2))
+    uci._hold_variances(net, 0.01)
+    assert not net[0].weight_rho.requires_grad
+    torch.testing.assert_close(net[0].weight_var, torch.full((2, 3), 1e-4))
+    uci._hold_variances(net, None)
+    assert net[0].weight_rho.requires_grad

@@ -279,6 +279,14 @@ class GaussianLikelihood(torch.nn.Module):
     def noise_var(self) -> Tensor:
         return F.softplus(self.raw_noise) + self.min_noise_var
 
+    def ggn_surrogate(self, pred: Tensor | Gaussian) -> Tensor:
+        """``0.5 mean_i sum_d v_id / s_id`` with ``s = v + tau^2`` held constant: its gradient in
+        the weight variances is half the Gauss-Newton curvature (Fisher ``1/s`` of the mean;
+        see :func:`dualflow.optim.ggn_surrogate`)."""
+        var = as_gaussian(pred).var
+        dims = tuple(range(1, var.dim()))
+        return (var / (var + self.noise_var.detach()).detach()).sum(dim=dims).mean() * 0.5
+
     def forward(self, pred: Tensor | Gaussian, target: Tensor) -> Tensor:
         if self.empirical and self.training:
             nv = elbo_noise_var(pred, target).clamp_min(self.min_noise_var)
@@ -401,6 +409,17 @@ class HeteroscedasticLikelihood(torch.nn.Module):
 
     def forward(self, pred: Tensor | Gaussian, target: Tensor) -> Tensor:
         return heteroscedastic_nll(pred, target, self.objective, self.offset, self.min_noise_var)
+
+    def ggn_surrogate(self, pred: Tensor | Gaussian) -> Tensor:
+        """Half the Gauss-Newton curvature in the weight variances (see
+        :func:`dualflow.optim.ggn_surrogate`): ``0.5 mean_i sum_d (v_f F_f + v_z F_z)`` with the
+        Fisher information of ``N(y; m_f, s)``, ``s = v_f + E[tau^2]``, in the mean, ``F_f = 1/s``,
+        and in ``z``, ``F_z = (ds/dz)^2 / (2 s^2) = E[tau^2]^2 / (2 s^2)``, held constant."""
+        f, e_tau2, _ = heteroscedastic_moments(pred, self.offset, self.min_noise_var)
+        z = _split_hetero(pred)[1]
+        s = (f.var + e_tau2).detach()
+        fz = (e_tau2.detach() / s).square() * 0.5
+        return 0.5 * _sum_event(f.var / s + z.var * fz).mean()
 
     def predictive(self, pred: Tensor | Gaussian) -> Gaussian:
         """Gaussian over ``y``: mean ``m_f``, variance ``v_f + E[tau^2]``, shapes ``(B, D)``."""

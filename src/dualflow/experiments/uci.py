@@ -85,9 +85,9 @@ class MethodProtocol:
     """How one method is run on UCI.
 
     Attributes:
-        defaults: hyperparameters (keys below); the grid overrides some of them.
-        grid: candidates tried on the validation part (each a dict of overrides of
-            ``defaults``); one entry means no selection.
+        defaults: the default recipe (keys below): what ``dualflow uci`` runs.
+        grid: candidates tried on the validation part with ``--search`` (each a dict of
+            overrides of ``defaults``); one entry means no selection.
         step_ms: time of one optimizer step (ms, one idle core; measured on a 2-core AMD EPYC
             VM) for scheduling and the time estimate.
         selection: hyperparameters changed for the validation runs only (``ensemble``: one
@@ -100,7 +100,14 @@ class MethodProtocol:
     (prior variance of every weight as a multiple of the layer's default ``gain^2 / fan_in``),
     ``weight_decay`` (point networks), ``relu`` (``"taylor"``: the paper's Eq. 3 rule,
     ``"closed"``: exact rectified-Gaussian moments), ``samples`` (test-time Monte Carlo
-    passes), ``train_samples``, ``ensemble_size``, ``dropout``.
+    passes), ``train_samples``, ``ensemble_size``, ``dropout``; ``prior`` (``"fixed"`` or
+    ``"empirical"``) and ``prior_pseudo_count`` (the empirical prior's hyperprior weight),
+    ``init_var_ratio`` (initial weight variance share), ``noise`` (``"homoscedastic"``,
+    ``"empirical"``, ``"heteroscedastic"``), ``objective``; the two-phase start
+    ``mean_phase`` (share of the epochs on the means only, variances held at
+    ``mean_phase_sd``, Adam at ``mean_phase_lr``); for ``bp-ng`` ``positivity``,
+    ``curvature``, ``precision_debias``, ``max_step_sd`` (:class:`dualflow.optim.NaturalGradient`)
+    and ``ng_b2_epoch`` (the precision average's weight per epoch: ``b2 = w B / N``).
     """
 
     defaults: dict[str, Any]
@@ -447,6 +454,17 @@ def _tensor(a: np.ndarray) -> Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float32))
 
 
+def resolve_hyperparameters(hp: dict[str, Any], batch_size: int, n_train: int) -> dict[str, Any]:
+    """``hp`` with the settings that depend on the batch resolved: ``ng_b2_epoch = w`` sets the
+    natural gradient's precision average weight per step to ``b2 = w B / N`` (a full-batch
+    run replaces ``w`` of the precision per step, a mini-batch run averages the noisy
+    per-batch curvature over about ``1 / w`` epochs)."""
+    if hp.get("ng_b2_epoch") is None:
+        return hp
+    b1 = float(hp.get("ng_betas", (0.9, 0.1))[0])
+    return {**hp, "ng_betas": (b1, min(1.0, float(hp["ng_b2_epoch"]) * batch_size / n_train))}
+
+
 def train_and_evaluate(
     method: str,
     hp: dict[str, Any],
@@ -466,12 +484,7 @@ def train_and_evaluate(
     if not (torch.isfinite(xtr).all() and torch.isfinite(ytr).all() and torch.isfinite(xev).all()):
         raise ValueError("non-finite values after standardisation")
     bs, n_epochs = schedule(xtr.shape[0], epochs, hp)
-    if hp.get("ng_b2_epoch") is not None:
-        # the curvature average's weight per step from its weight per epoch: b2 = w * B / N, so a
-        # full-batch run replaces w of the precision per step and a mini-batch run averages the
-        # noisy per-batch curvature over about 1/w epochs
-        b1 = float(hp.get("ng_betas", (0.9, 0.1))[0])
-        hp = {**hp, "ng_betas": (b1, min(1.0, float(hp["ng_b2_epoch"]) * bs / xtr.shape[0]))}
+    hp = resolve_hyperparameters(hp, bs, xtr.shape[0])
     cfg = df.train.TrainConfig(
         epochs=n_epochs,
         batch_size=bs,

@@ -28,7 +28,7 @@ from dualflow.gaussian import Gaussian, as_gaussian
 from dualflow.methods.builders import Builder
 from dualflow.methods.propagation import mc_dropout, propagation, set_propagation
 from dualflow.nn.base import PRIORS, PROPAGATIONS, set_prior
-from dualflow.optim import NaturalGradient, ggn_surrogate
+from dualflow.optim import NaturalGradient
 from dualflow.train import History, TrainConfig, make_optimizer
 from dualflow.train import fit as train_fit
 
@@ -380,14 +380,7 @@ class BPNGMethod(BPMethod):
             and opt is not None
             and torch.is_grad_enabled()
         ):
-            g = as_gaussian(out)
-            if self.noise == "heteroscedastic":
-                f, e_tau2, _ = losses.heteroscedastic_moments(
-                    g, self.likelihood.offset, self.likelihood.min_noise_var
-                )
-                opt.set_curvature(ggn_surrogate(f, e_tau2.detach()))
-            else:
-                opt.set_curvature(ggn_surrogate(g, self.likelihood.noise_var.detach()))
+            opt.set_curvature(self.likelihood.ggn_surrogate(out))  # Gauss-Newton curvature, >= 0
         return self._nll(out, y)
 
     def configure_optimizer(
