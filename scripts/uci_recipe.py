@@ -13,10 +13,19 @@ over sets of (best candidate's LL - its LL), the worst such gap, and the steps i
 The default recipe is the candidate with the lowest mean regret among those within the
 compute budget (``--max-steps``).
 
-Example (what made ``results/uci/recipe.md``)::
+Examples (what made ``results/uci/recipe_bp.md`` and ``results/uci/recipe_bp-ng.md``; the
+JSON-lines files hold every record, so these reproduce the tables without training)::
 
-    python scripts/uci_recipe.py --method bp --sets boston,concrete,energy,yacht,wine,kin8nm \\
-        --splits 3 --out results/uci/recipe_bp.jsonl --table results/uci/recipe.md
+    python scripts/uci_recipe.py --method bp --sets boston,concrete,energy,yacht,wine,kin8nm \
+        --splits 2 --candidates old,eb-2k-lr.05,eb-2k-lr.1,eb-2k-lr.1-pc11,eb-2k-lr.1-closed,\
+fixed-2k-lr.1,fixed-2ph-lr.01 --out results/uci/recipe_bp.jsonl --table results/uci/recipe_bp.md
+    python scripts/uci_recipe.py --method bp-ng --sets energy,kin8nm,naval,yacht,boston --splits 1 \
+        --candidates ng-lr.1,ng-lr.3,ng-lr.1-sd.3,ng-lr.1-b2.5,ng-lr.1-grad,ng-lr.1-b2.5-tr,\
+ng-lr.1-b2.5-fixed,ng-lr.1-e.5,ng-lr.1-e.5-fixed --out results/uci/recipe_bp-ng.jsonl \
+        --table results/uci/recipe_bp-ng.md
+
+Records made while the layers' default hyperprior weight was 0 carry ``prior_pseudo_count: 0.0``
+explicitly (the candidates say so too), so they stay valid under the current default of 11.
 """
 
 from __future__ import annotations
