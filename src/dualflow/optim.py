@@ -25,8 +25,8 @@ gradient holds the data term only) and applies the prior itself, as above; so th
 the same whichever the caller used.
 
 Positivity. ``h`` is negative where the loss is locally concave in a weight (e.g. the
-predictive objective on badly fit points, or a sampled Hessian estimate). Two rules keep
-``lambda > 0``:
+predictive objective on badly fit points, or a sampled Hessian estimate). Three rules keep
+``lambda > 0`` (``"clip"``: see below):
 
 * ``positivity="split"`` (default): the update is split into its part that is a convex
   combination of positive quantities, ``A = (1 - b2) lambda + b2 (lambda0 + N h+)``, and the
@@ -48,6 +48,25 @@ mean with precision ``diag`` of the posterior precision. One ``lr = 1``, ``b2 = 
 ``lambda`` on that diagonal exactly, but moves ``mu`` by a *diagonally* preconditioned Newton
 step (a Jacobi iteration): it lands on the posterior mean in one step only when the posterior
 precision is diagonal (e.g. orthogonal inputs); otherwise repeated steps converge to it.
+
+Curvature and safeguards (issue 10; ``bp-ng``'s defaults in ``dualflow uci``). ``h = 2 g_s2``
+is ``E_q[diag Hessian]`` only for an expected loss (the ELBO). For the paper's predictive
+objective it is ``(1 - r^2/s)/s * dv/d sigma^2``, negative wherever a residual exceeds the
+predictive variance; read as a curvature it made ``bp-ng`` diverge (precisions halved step
+after step, then multiplied by up to 1e7 in one step by the "split" retraction, mean steps of
+10-600 posterior sds; measured on the diverging UCI splits). The fixes, each optional:
+
+* :meth:`NaturalGradient.set_curvature` with :func:`ggn_surrogate`: the generalized
+  Gauss-Newton curvature (``>= 0``) from a second backward pass through the variance path;
+* ``positivity="clip"`` (:func:`precision_update`): negative curvature dropped, every step a
+  convex combination of the old precision and ``lambda0 + N h+``;
+* ``precision_debias=True``: weight ``max(b2, 1/t)``, so the initial ``1/sigma_init^2`` (not a
+  curvature estimate) is forgotten at the first step;
+* ``max_step_sd`` (:func:`bounded_mean_step`): a trust region on the mean step in posterior
+  standard deviations, floored at the fixed prior's.
+
+With ``lr = 1``, ``b2 = 1`` and a trust region that does not bind, the one-step conjugate
+property holds with all of them (tested).
 
 Point parameters (biases without ``rho``, normalisation weights, a learned noise variance)
 get Adam (``point_lr``, ``point_betas``, ``eps``, ``weight_decay``).
