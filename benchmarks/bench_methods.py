@@ -102,7 +102,7 @@ def make_step(m: dm.Method, x: torch.Tensor, y: torch.Tensor):
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = m.loss(x, y) + df.nn.kl(m) / N_TRAIN
+        loss = m.loss(m.training_outputs(x), y) + df.nn.kl(m) / N_TRAIN
         loss.backward()
         opt.step()
 

@@ -1,7 +1,10 @@
 """Time smoothing by backprop against the explicit smoothers (CPU).
 
 Kalman: ``kalman_smoother_by_backprop`` vs ``rts_smoother`` (both include their filter pass;
-the filter alone is timed too). HMM: ``hmm_smoother_by_backprop`` vs
+the filter alone is timed too), with both reverse-mode routes: ``vjp="closed_form"`` (the
+default; the filter step's VJP written out) and ``vjp="autograd"`` (torch records and
+replays every op of the filter; skipped where its graph would not fit the time or memory
+budget). HMM: ``hmm_smoother_by_backprop`` vs
 ``hmm_forward_backward``. Batched models (every batch element has its own parameters, so
 both routes do the same covariance work), float64, median wall time of repeats, one
 process. Every timed pair is also checked for agreement (max |diff| is reported).
@@ -32,17 +35,17 @@ from dualflow.experiments.commands.duality import random_hmm, random_lgssm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (kind, size, T) -> reason. The backprop route keeps the whole filter graph alive: measured
-# ~20 tensors of B*n*n float64 per step (n=64, B=8: ~5.3 MB per step).
+# (kind, size, T) -> reason.
 SKIP_FULL = {
-    ("kalman", 64, 10000): "memory: autodiff graph ~55 GB",
-    ("kalman", 32, 10000): "memory/time: autodiff graph ~14 GB, ~1.5 min per repeat",
-    ("kalman", 16, 10000): "time: ~1 min per repeat (autodiff graph ~4 GB)",
-    ("kalman", 4, 10000): "time budget (n=2 and 8 cover T=10000)",
+    ("kalman", 64, 10000): "time: RTS alone ~75 s per repeat",
+    ("kalman", 4, 10000): "time budget (n=2, 8, 16, 32 cover T=10000)",
     ("hmm", 8, 10000): "time budget (S=2, 32, 64 cover T=10000)",
 }
+# The autograd route keeps the whole filter graph alive: ~20 tensors of B*n*n float64 per
+# step (n=64, B=8: ~5.3 MB per step); it is timed only where n * n * T <= this.
+AUTOGRAD_MAX_N2T = 64 * 64 * 1000
 # (kind, size, T) -> repeats, where the default would overrun the time budget
-REPEATS_OVERRIDE = {("kalman", 64, 1000): 1}
+REPEATS_OVERRIDE = {("kalman", 64, 1000): 1, ("kalman", 32, 1000): 2}
 FULL = {
     "kalman_n": [2, 4, 8, 16, 32, 64],
     "hmm_s": [2, 8, 32, 64],
@@ -74,18 +77,25 @@ def bench_kalman(n: int, T: int, B: int, repeats: int) -> dict:
     m = max(1, n // 2)
     model = random_lgssm(n, m, T, seed=n + T, batch=B)
     kw = {"validate": False}
-    t_f, t_r, t_b = [], [], []
-    out_r = out_b = None
+    autograd = n * n * T <= AUTOGRAD_MAX_N2T
+    t_f, t_r, t_b, t_a = [], [], [], []
+    out_r = out_b = out_a = None
     for _ in range(repeats):  # interleaved so drift in machine load hits all routes alike
         t_f.append(_time(lambda: gm.kalman_filter(*model, **kw)))
         t0 = time.perf_counter()
         out_r = gm.rts_smoother(*model, **kw)
         t_r.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        out_b = gm.kalman_smoother_by_backprop(*model, **kw)
+        out_b = gm.kalman_smoother_by_backprop(*model, vjp="closed_form", **kw)
         t_b.append(time.perf_counter() - t0)
+        if autograd:
+            t0 = time.perf_counter()
+            out_a = gm.kalman_smoother_by_backprop(*model, vjp="autograd", **kw)
+            t_a.append(time.perf_counter() - t0)
     assert out_r is not None and out_b is not None
     rts, bp = statistics.median(t_r), statistics.median(t_b)
+    ag = statistics.median(t_a) if t_a else None
+    diff = [float((out_r[i] - o[i]).abs().max()) for o in (out_b, out_a) if o is not None for i in (0, 1)]
     return {
         "n": n,
         "m": m,
@@ -96,8 +106,11 @@ def bench_kalman(n: int, T: int, B: int, repeats: int) -> dict:
         "rts_s": rts,
         "backprop_s": bp,
         "ratio_backprop_over_rts": bp / rts,
-        "max_abs_diff_mean": float((out_r[0] - out_b[0]).abs().max()),
-        "max_abs_diff_cov": float((out_r[1] - out_b[1]).abs().max()),
+        "ratio_of_min_times": min(t_b) / min(t_r),
+        "backprop_autograd_s": ag,
+        "ratio_autograd_over_rts": None if ag is None else ag / rts,
+        "max_abs_diff_mean": max(diff[0::2]),
+        "max_abs_diff_cov": max(diff[1::2]),
     }
 
 
@@ -154,13 +167,22 @@ def _md(report: dict) -> str:
         "",
         "## Kalman: `kalman_smoother_by_backprop` vs `rts_smoother` (m = max(1, n/2))",
         "",
-        "| n | T | repeats | filter [s] | RTS [s] | backprop [s] | backprop / RTS | diff mean | diff cov |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        '`backprop`: the default `vjp="closed_form"` (the filter is one autograd Function whose '
+        'backward is the step\'s VJP written out); `autograd`: `vjp="autograd"` (torch records '
+        "every op of the filter and replays its derivative; `-`: not timed, graph too large). "
+        "`diff`: largest discrepancy of either backprop route from RTS. Ratios are of median "
+        "times; the ratio of minimum times (less sensitive to load spikes) beside it.",
+        "",
+        "| n | T | repeats | filter [s] | RTS [s] | backprop [s] | backprop / RTS | same, ratio of minima "
+        "| autograd [s] | autograd / RTS | diff mean | diff cov |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["kalman"]:
+        ag, agr = r.get("backprop_autograd_s"), r.get("ratio_autograd_over_rts")
         lines.append(
             f"| {r['n']} | {r['T']} | {r['repeats']} | {r['filter_s']:.3f} | {r['rts_s']:.3f} "
-            f"| {r['backprop_s']:.3f} | {r['ratio_backprop_over_rts']:.2f} "
+            f"| {r['backprop_s']:.3f} | {r['ratio_backprop_over_rts']:.2f} | {r['ratio_of_min_times']:.2f} "
+            f"| {'-' if ag is None else f'{ag:.3f}'} | {'-' if agr is None else f'{agr:.2f}'} "
             f"| {r['max_abs_diff_mean']:.1e} | {r['max_abs_diff_cov']:.1e} |"
         )
     lines += [
@@ -192,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
-    p.add_argument("--budget-s", type=float, default=330.0, help="skip what would overrun")
+    p.add_argument("--budget-s", type=float, default=600.0, help="skip what would overrun")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="smoother", help="output file stem")
     args = p.parse_args(argv)
@@ -246,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     msg = (
                         f"rts {row['rts_s']:.3f}s  backprop {row['backprop_s']:.3f}s  "
                         f"x{row['ratio_backprop_over_rts']:.2f}  "
+                        f"autograd x{row['ratio_autograd_over_rts'] or 0:.2f}  "
                         f"diff {max(row['max_abs_diff_mean'], row['max_abs_diff_cov']):.1e}"
                     )
                 else:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from dualflow import losses, models
+from dualflow import losses, models, train
 from dualflow.experiments import classify as C
 
 
@@ -80,17 +80,12 @@ def main() -> int:
         x = torch.randn(64, 3, 32, 32, device="cuda")
         y = torch.randint(0, 10, (64,), device="cuda")
         with torch.no_grad():
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            ref = net(x)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            tf32 = net(x)
-            hooks = C.add_amp_hooks(net)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with train.tf32(False):
+                ref = net(x)
+            with train.tf32(True):
+                tf32 = net(x)
+            with train.mixed_precision(net, "cuda"):
                 bf = net(x)
-            for h in hooks:
-                h.remove()
         res = {}
         for name, o in (("tf32", tf32), ("bf16", bf)):
             res[name] = {

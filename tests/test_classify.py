@@ -13,14 +13,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import dualflow as df
 from conftest import data_dir
 from dualflow import methods, models
 from dualflow.experiments import classify as C
 from dualflow.experiments import distributed as ddist
 from dualflow.experiments import metrics as M
-from dualflow.experiments.augment import MixedTargets
 from dualflow.experiments.cli import main
 from dualflow.experiments.data import BatchLoader, load_mnist
+from dualflow.train import MixedTargets
 
 TINY = ["--limit-train", "256", "--arch-opt", "width=64", "--samples", "2", "--batch-size", "64"]
 
@@ -113,7 +114,7 @@ def test_command_writes_record(table1_runs, method):
     assert {"train_loss", "train_error", "val_loss", "val_error"} <= set(rec["history"][0])
     assert rec["command"].startswith("dualflow classify --dataset mnist --arch mlp --method " + method)
     assert (out / f"{method}.png").stat().st_size > 5000
-    if method in C.NG_METHODS:
+    if methods.traits_of(method).natural_gradient:
         assert rec["optimizer"] == "ng+adam" and rec["ng_data_size"] == 192
 
 
@@ -159,16 +160,49 @@ def test_resume_equals_uninterrupted(mnist_dir, tmp_path):
         C.train_and_evaluate(C.ClassifyConfig(**{**kw, "lr": 0.5}), tmp_path / "a", resume=True, log=None)
 
 
-def test_data_term_equals_method_loss_without_mixing():
+def test_runner_restores_modes_and_names_a_bad_checkpoint(mnist_dir, tmp_path, capsys):
+    """The runner's thread count (and TF32 on CUDA) apply to the run only; a truncated
+    checkpoint under --resume is one clear error naming the file."""
+    argv = ["classify", "--dataset", "mnist", "--arch", "mlp", "--method", "bp", "--epochs", "1", *TINY]
+    argv += ["--data-dir", str(mnist_dir), "--threads", "1", "--quiet", "--workdir", str(tmp_path / "wd")]
+    torch.set_num_threads(2)
+    tf32 = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    assert main([*argv, "--out", str(tmp_path / "r.json"), "--stop-after-steps", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    assert (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    ) == tf32
+    ck = tmp_path / "wd" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    assert main([*argv, "--out", str(tmp_path / "r.json"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable checkpoint" in err and str(ck) in err and "Traceback" not in err
+
+
+def test_loop_data_term_is_the_method_loss_and_mixes_targets():
+    """The step's data term (the loop's Objective, used by classify) is the method's own loss of
+    its training passes; with mixed targets it is lam J(y_a) + (1 - lam) J(y_b)."""
     torch.manual_seed(0)
     build = models.builder("mlp", num_classes=10, in_channels=1, width=16)
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    for name in ("bp", "reparam-ng-ensemble", "vanilla"):
-        m = methods.create(name, build, task="classification")
+    x, y, y2 = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,))
+    for name in ("bp", "reparam-ng-ensemble", "vanilla", "ensemble"):
+        m = methods.create(name, build, task="classification", ensemble_size=2)
+        obj = m.objective(0.0)
         torch.manual_seed(1)
-        a, _ = C.data_term(m, x, MixedTargets(y, y, 1.0))
+        a = obj(x, MixedTargets(y, y, 1.0)).data
         torch.manual_seed(1)
-        assert torch.equal(a, m.loss(x, y)), name
+        assert torch.equal(a, m.loss(m.training_outputs(x), y)), name
+        torch.manual_seed(1)
+        mixed = obj(x, MixedTargets(y, y2, 0.3)).data
+        torch.manual_seed(1)
+        outs = m.training_outputs(x)
+        torch.testing.assert_close(mixed, 0.3 * m.loss(outs, y) + 0.7 * m.loss(outs, y2), msg=name)
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -202,10 +236,10 @@ def _ddp_worker(rank: int, world: int, port: int, data_dir: str, out_dir: str) -
     assert info.world_size == world and info.rank == rank and info.backend == "gloo"
     data = load_mnist(data_dir)
     method, r = _setup_method(seed=3)
-    step = C.wrap_ddp(C.Objective(method, r.kl_weight_abs), info)
+    step = ddist.parallel(info).wrap(method.objective(r.kl_weight_abs))
     loader = BatchLoader(data.x_train[:64], data.y_train[:64], 8, seed=5, num_replicas=world, rank=rank)
     xb, yb = next(iter(loader))
-    loss = step(data.normalize(xb), yb, yb, 1.0)[0]
+    loss = step(data.normalize(xb), yb).loss
     loss.backward()
     if rank == 0:
         torch.save(_grads(method), Path(out_dir) / "ddp_grads.pt")
@@ -227,7 +261,7 @@ def test_ddp_gradients_equal_single_process(mnist_dir, tmp_path):
     data = load_mnist(mnist_dir)
     method, r = _setup_method(seed=3)
     xb, yb = next(iter(BatchLoader(data.x_train[:64], data.y_train[:64], 8 * world, seed=5)))
-    loss = C.Objective(method, r.kl_weight_abs)(data.normalize(xb), yb, yb, 1.0)[0]
+    loss = method.objective(r.kl_weight_abs)(data.normalize(xb), yb).loss
     loss.backward()
     single = _grads(method)
     assert set(single) == set(ddp) and len(single) == 12  # 3 layers x (weight, bias) x (mu, rho)
@@ -248,10 +282,11 @@ def test_amp_bf16_keeps_moments_close():
     net = models.create("resnet8", normalization="none", bayes=True)
     x = torch.randn(8, 3, 32, 32)
     ref = net(x)
-    C.add_amp_hooks(net)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with df.train.mixed_precision(net, "cpu"):
         out = net(x)
     assert out.mean.dtype == torch.float32 and out.var.dtype == torch.float32
+    after = net(x)  # hooks removed and autocast left on exit: float32 again, exactly
+    assert torch.equal(after.mean, ref.mean) and torch.equal(after.var, ref.var)
     rel_m = (out.mean - ref.mean).norm() / ref.mean.norm()
     rel_v = ((out.var - ref.var).abs() / ref.var).max()
     assert rel_m < 0.02 and rel_v < 0.02, (float(rel_m), float(rel_v))
@@ -325,3 +360,13 @@ def test_report_hook_for_dualflow_report(table1_runs, tmp_path):
     add_arguments(p)
     args = p.parse_args(["--results", str(table1_runs[0]), "--out", str(tmp_path / "R.md")])
     assert run(args) == 0 and "BP/NF+NG" in (tmp_path / "R.md").read_text()
+
+
+def test_progress_bars_inside_epochs_and_evaluations(mnist_dir, tmp_path, capsys):
+    argv = ["classify", "--dataset", "mnist", "--arch", "mlp", "--method", "vanilla", "--epochs", "1", *TINY]
+    argv += ["--val", "64", "--data-dir", str(mnist_dir), "--threads", "1", "--out", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    for bar in ("train:", "validation:", "test:"):  # tqdm bars on stderr
+        assert bar in captured.err, bar
+    assert "epoch   1/1" in captured.out and "test: error" in captured.out

@@ -1,6 +1,7 @@
 """dualflow.methods: the registry, sampling propagation on the BP layers, and every method on
 a conjugate model and on real data (scikit-learn's built-in diabetes and wine sets)."""
 
+import copy
 import functools
 import math
 
@@ -341,3 +342,174 @@ def test_checkpoint_resume_is_exact(name, tmp_path):
     resumed = run(4, ck)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- traits and composition
+
+
+def test_registry_is_data_and_experiments_read_traits():
+    t = {name: dm.traits_of(name) for name in EXPECTED}
+    assert {n for n in EXPECTED if t[n].natural_gradient} == {"bp-ng", "reparam-ng-ensemble"}
+    assert {n for n in EXPECTED if t[n].gaussian} == set(BAYESIAN)
+    assert {n: t[n].propagation for n in EXPECTED if t[n].sampling} == {
+        "reparam": "reparam",
+        "local-reparam": "local",
+        "flipout": "flipout",
+        "reparam-ng-ensemble": "reparam",
+    }
+    assert t["ensemble"].members == 5 and t["reparam-ng-ensemble"].train_samples == 4
+    assert t["mc-dropout"].mc_dropout and t["mc-dropout"].dropout == 0.1
+    assert "Traits: gaussian weights, moments propagation, natural-gradient optimizer" in dm.describe("bp-ng")
+    m = dm.create("reparam-ng-ensemble", dm.mlp_builder(2, 4, 1), train_samples=2, ng_lr=0.05)
+    assert m.traits.train_samples == 2 and m.traits.optimizer.lr == 0.05 and m.name == "reparam-ng-ensemble"
+    assert dm.create("ensemble", dm.mlp_builder(2, 4, 1), ensemble_size=3).traits.members == 3
+    with pytest.raises(TypeError, match="takes no option 'train_samples'"):
+        dm.create("bp", dm.mlp_builder(2, 4, 1), train_samples=2)
+    for bad in (
+        dict(weights="point", propagation="flipout"),
+        dict(train_samples=3),
+        dict(weights="point", optimizer=dm.NaturalGradientOptimizer()),
+        dict(propagation="local", objective="elbo"),
+        dict(propagation="gibbs"),
+    ):
+        with pytest.raises(ValueError):
+            dm.Traits(**bad)
+
+
+def test_a_custom_composition_trains_and_predicts():
+    """Traits compose beyond the registry: a natural-gradient flipout ensemble of 2 members."""
+    xtr, ytr, xte, yte, const = _wine()
+    traits = dm.Traits(propagation="flipout", members=2, optimizer=dm.NaturalGradientOptimizer(lr=0.1))
+    torch.manual_seed(0)
+    m = dm.Method(traits, dm.mlp_builder(13, 16, 3), task="classification", samples=8)
+    m.fit((xtr, ytr), df.train.TrainConfig(epochs=15, batch_size=32, lr=1e-2, progress=False))
+    assert isinstance(
+        m.configure_optimizer(list(m.parameters()), 10, df.train.TrainConfig()), df.optim.NaturalGradient
+    )
+    res = m.evaluate(xte, yte)
+    assert res["accuracy"] > 0.85 and res["nll"] < 0.5 * const, res
+
+
+def test_ensemble_trains_every_member_exactly_as_alone():
+    """Each member of an ensemble gets exactly its own gradient: trained together, every member
+    equals the same member trained alone from the same initialisation on the same batches (a
+    loop that trained only the first member, or mixed the members' gradients, fails this)."""
+    xtr, ytr, *_ = _diabetes()
+    xtr, ytr = xtr[:64], ytr[:64]
+    build = dm.mlp_builder(10, 8, 1)
+    cfg = df.train.TrainConfig(epochs=3, batch_size=16, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    ens = dm.create("ensemble", build, ensemble_size=3, noise_var=0.5)
+    init = [copy.deepcopy(net.state_dict()) for net in ens.members]
+    ens.fit((xtr, ytr), cfg)
+    for k in range(3):
+        moved = max(
+            float((a - b).abs().max()) for a, b in zip(init[k].values(), ens.members[k].state_dict().values())
+        )
+        assert moved > 1e-3, f"member {k} did not train"
+        alone = dm.create("vanilla", build, noise_var=0.5)
+        alone.net.load_state_dict(init[k])
+        alone.fit((xtr, ytr), cfg)
+        for (name, a), b in zip(alone.net.state_dict().items(), ens.members[k].state_dict().values()):
+            torch.testing.assert_close(b, a, msg=f"member {k}: {name}")
+        torch.testing.assert_close(ens.likelihoods[k].noise_var, alone.noise_var)
+
+
+def test_create_accepts_a_model():
+    """A model is used by reference as the first member; what each kind of method needs of it."""
+    xtr, ytr, xte, yte, _ = _diabetes()
+    torch.manual_seed(0)
+    bayes = dm.mlp_builder(10, 16, 1)(True)
+    m = dm.create("bp", bayes, noise_var=0.5)
+    assert m.net is bayes
+    m.fit((xtr, ytr), df.train.TrainConfig(epochs=3, batch_size=64, progress=False))
+    # a plain torch model works for point methods; ensemble members are re-initialised deep copies
+    plain = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    ens = dm.create("ensemble", plain, ensemble_size=3, noise_var=0.5)
+    assert ens.members[0] is plain and ens.members[1] is not plain
+    w = [net[0].weight.detach() for net in ens.members]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    ens.fit((xtr, ytr), df.train.TrainConfig(epochs=3, batch_size=64, progress=False))
+    assert ens.predict(xte).mean.shape == (len(yte), 1)
+    # MC dropout with torch's own Dropout: passes differ, eval mode of the model is kept
+    drop = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)
+    )
+    mc = dm.create("mc-dropout", drop, noise_var=0.5, samples=2)
+    mc.eval()
+    assert not torch.equal(mc.predictive(xte, samples=1).mean, mc.predictive(xte, samples=1).mean)
+    assert not drop[2].training
+    # what would need a conversion is a clear error, never a silent one
+    with pytest.raises(ValueError, match="from_torch"):
+        dm.create("bp", plain)
+    with pytest.raises(ValueError, match="point weights"):
+        dm.create("vanilla", bayes)
+    with pytest.raises(ValueError, match="dropout modules"):
+        dm.create("mc-dropout", plain)
+    with pytest.raises(ValueError, match="builders"):
+        dm.create("vanilla", plain, dropout=0.2)
+    with pytest.raises(TypeError):
+        dm.create("bp", "not a model")
+
+
+def test_is_fitted_travels_with_the_state_dict():
+    xtr, ytr, *_ = _diabetes()
+    build = dm.mlp_builder(10, 4, 1)
+    m = dm.create("bp", build)
+    assert not m.is_fitted
+    m.fit((xtr[:32], ytr[:32]), df.train.TrainConfig(epochs=1, batch_size=32, progress=False))
+    assert m.is_fitted
+    fresh = dm.create("bp", build)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.is_fitted
+
+
+@pytest.mark.parametrize("name", ["bp", "ensemble", "reparam"])
+def test_predict_is_predictive_without_grad_and_noise_is_explicit(name):
+    _, _, xte, _, _ = _diabetes()
+    m, _ = _trained_regression(name)
+    x = xte[:10].clone().requires_grad_(True)
+    torch.manual_seed(3)
+    p = m.predictive(x)
+    (p.mean.sum() + p.var.sum()).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    torch.manual_seed(3)
+    q = m.predict(xte[:10])
+    torch.testing.assert_close(q.mean, p.mean.detach())
+    torch.testing.assert_close(q.var, p.var.detach())
+    if name == "bp":  # noise: Method.predict includes it, train.predict of the network does not
+        f = df.train.predict(m.net, xte)
+        torch.testing.assert_close(m.predict(xte, noise=False).var, f.var)
+        torch.testing.assert_close(m.predict(xte).var, f.var + m.noise_var)
+        torch.testing.assert_close(
+            m.predict(xte).var, df.train.predict(m.net, xte, noise_var=m.noise_var).var
+        )
+    with pytest.raises(ValueError, match="noise=False"):
+        dm.create("bp", dm.mlp_builder(10, 4, 3), task="classification").predict(xte, noise=False)
+
+
+# ----------------------------------------------------------------------------- weight sampling
+
+
+def test_sample_weights_is_the_one_draw_from_q():
+    """sample_weights draws W ~ N(mu, softplus(rho)^2) (Monte Carlo moments within standard
+    errors); point_state_dict(sample=True) and the reparam propagation use it."""
+    from dualflow.models import point_state_dict
+    from dualflow.nn.sampling import PROPAGATION_RULES, sample_weights
+
+    layer = df.nn.Linear(5, 4, init_var_ratio=0.5).double()
+    k = 4000
+    g = torch.Generator().manual_seed(0)
+    w = torch.stack([sample_weights(layer, g)[0].detach() for _ in range(k)])
+    mu, var = layer.weight_mean.detach(), layer.weight_var.detach()
+    assert float(((w.mean(0) - mu) / (var / k).sqrt()).abs().max()) < 5.0
+    assert float(((w.var(0) - var) / (var * math.sqrt(2.0 / (k - 1)))).abs().max()) < 5.0
+    net = df.nn.Sequential(layer, df.nn.ReLU(), df.nn.Linear(4, 2).double())
+    sd = point_state_dict(net, sample=True, generator=torch.Generator().manual_seed(1))
+    g1 = torch.Generator().manual_seed(1)
+    w0, b0 = sample_weights(net[0], g1)
+    assert torch.equal(sd["0.weight_mu"], w0) and torch.equal(sd["0.bias_mu"], b0)
+    assert not any(key.endswith("_rho") for key in sd)
+    assert tuple(PROPAGATION_RULES) == dm.PROPAGATIONS
+    with pytest.raises(ValueError, match="unknown propagation"):
+        layer.propagation = "gibbs"

@@ -1,7 +1,11 @@
 """Architectures of ``dualflow.models``: registry, published parameter counts, one training
 step per configuration, moment propagation against Monte Carlo, zero-variance limit."""
 
+import copy
 import math
+import subprocess
+import sys
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -49,6 +53,30 @@ def test_registry_has_required_names_and_no_side_effects():
     assert set(REQUIRED) <= set(names)
     assert names == sorted(names)
     assert isinstance(models.MODELS, dict)
+    # importing and listing the registry builds no module and touches no global torch state
+    code = (
+        "import torch\n"
+        "built = []\n"
+        "init = torch.nn.Module.__init__\n"
+        "def counting(self, *a, **k):\n"
+        "    built.append(type(self).__name__)\n"
+        "    init(self, *a, **k)\n"
+        "torch.nn.Module.__init__ = counting\n"
+        "rng, dtype = torch.random.get_rng_state(), torch.get_default_dtype()\n"
+        "threads = torch.get_num_threads()\n"
+        "import dualflow.models as models\n"
+        "models.list_models(); models.builder('resnet20'); models.MODELS['mlp']\n"
+        "print(built, torch.equal(rng, torch.random.get_rng_state()), torch.get_default_dtype() == dtype, "
+        "torch.get_num_threads() == threads)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True", "True", "True"], out.stdout
+    # creating models with overrides leaves the registry's entries as they were
+    before = {k: (spec.build, copy.deepcopy(spec.defaults), spec.norms) for k, spec in models.MODELS.items()}
+    tiny("resnet20", depth=8)
+    models.create("resnet", depth=8, image_size=8, widths=(4, 8, 8), normalization="batch")
+    after = {k: (spec.build, spec.defaults, spec.norms) for k, spec in models.MODELS.items()}
+    assert after == before
 
 
 def test_bad_names_and_options_raise_clear_errors():
@@ -220,46 +248,11 @@ def test_zero_variance_equals_point_network(name, normalization):
         torch.testing.assert_close(out.mean, ref, rtol=1e-9, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- Monte Carlo
-
 MC_SAMPLES = 2000
 
 
-def _mc_moments(bayes, point, x, samples=MC_SAMPLES, chunk=500, seed=0):
-    """Mean and variance of the point network's output over weights drawn from q (vmapped)."""
-    g = torch.Generator().manual_seed(seed)
-    var_keys = {}
-    for prefix, mod in bayes.named_modules():
-        if isinstance(mod, BayesLayer) and mod.bayes:
-            pre = f"{prefix}." if prefix else ""
-            var_keys[pre + "weight_mu"] = (mod.weight_mu.detach(), mod.weight_var.detach().sqrt())
-            if mod.bias_mu is not None:
-                var_keys[pre + "bias_mu"] = (mod.bias_mu.detach(), mod.bias_var.detach().sqrt())
-    fixed = {k: v for k, v in models.point_state_dict(bayes).items() if k not in var_keys}
-
-    def run(batched):
-        return torch.func.functional_call(point, {**fixed, **batched}, (x,))
-
-    s1 = s2 = 0.0
-    for start in range(0, samples, chunk):
-        s = min(chunk, samples - start)
-        draw = {k: mu + sd * torch.randn((s, *mu.shape), generator=g) for k, (mu, sd) in var_keys.items()}
-        with torch.no_grad():
-            y = torch.vmap(run)(draw).double()
-        s1, s2 = s1 + y.sum(0), s2 + (y * y).sum(0)
-    m = s1 / samples
-    return m, (s2 / samples - m * m) * samples / (samples - 1)
-
-
-def _discrepancy(bp, mc_mean, mc_var):
-    """(max |m_bp - m_mc| / sd_mc, max |log(v_bp / v_mc)|, median |log(v_bp / v_mc)|)."""
-    z = (bp.mean.double() - mc_mean).abs() / mc_var.sqrt()
-    r = (bp.var.double() / mc_var).log().abs()
-    return float(z.max()), float(r.max()), float(r.median())
-
-
-def _pair(name, normalization):
-    torch.manual_seed(1)
+def _pair(name, normalization, seed=1):
+    torch.manual_seed(seed)
     extra = {"skip_init": 1.0} if name in RESIDUAL else {}
     kw = dict(init_var_ratio=0.1, **extra)
     bayes = tiny(name, normalization, True, **kw).eval()
@@ -275,43 +268,77 @@ def _pair(name, normalization):
     return bayes, point
 
 
-# Measured with these seeds (S = 2000 samples, init_var_ratio 0.1, SkipInit gains 1):
-# (max mean error in output sds, max |log var ratio|, median |log var ratio|), and the
-# bounds asserted (about 1.5x the measurement). The MC noise alone is ~0.1 sd / 0.15 in
-# the max over the outputs. Exactness is expected only for the first layer; deeper, moment
-# propagation neglects the correlations that residual sums, weights shared across spatial
-# positions, squeeze-excite products and max pooling create, and (normalised mixer) the
-# randomness of the LayerNorm statistics.
-MC_BOUNDS = {
-    # name: {normalization: (mean bound, max log-ratio bound, median log-ratio bound)}
-    # measured: mlp 0.07/0.17/0.10 (none), 0.07/0.23/0.05 (batch)
-    "mlp": {"none": (0.15, 0.35, 0.15), "batch": (0.15, 0.35, 0.15)},
-    # vgg16 (2 blocks): 0.27/0.55/0.09, 0.26/0.39/0.09 -- Clark max pooling
-    "vgg16": {"none": (0.4, 0.85, 0.15), "batch": (0.4, 0.6, 0.15)},
-    # resnet: 0.12/0.60/0.20, 0.11/0.66/0.24 -- variance underestimated (residual correlation)
-    "resnet20": {"none": (0.2, 0.9, 0.3), "batch": (0.2, 1.0, 0.35)},
-    # wrn: 0.05/0.33/0.08, 0.07/0.31/0.09
-    "wrn_28_10": {"none": (0.15, 0.5, 0.15), "batch": (0.15, 0.5, 0.15)},
-    # densenet: 0.10/0.66/0.27, 0.07/0.81/0.20
-    "densenet_bc_100_12": {"none": (0.2, 1.0, 0.4), "batch": (0.15, 1.2, 0.3)},
-    # efficientnet: 0.15/1.12/0.24 (2x squeeze-excite gate), 0.03/0.05/0.02
-    "efficientnet_b0": {"none": (0.25, 1.7, 0.36), "batch": (0.1, 0.15, 0.05)},
-    # mixer: 0.22/0.32/0.09; LayerNorm (hidden 8): 0.59/1.65/1.15, variance overestimated ~3x
-    "mixer_s": {"none": (0.35, 0.5, 0.15), "batch": (0.9, 2.5, 1.7)},
+# Accuracy of moment propagation against Monte Carlo on these tiny random networks
+# (init_var_ratio 0.1, SkipInit gains 1): a claim per architecture, (mean error in output sds,
+# max |log var ratio|, median |log var ratio|) over the outputs. The claims sit on a fixed
+# ladder (0.25, 0.5, 1, 2 sd; variance factors 1.5, 2, 3, 5, 10, 30 as |log| ratios),
+# chosen per architecture by the approximations it contains (docs/maths.md, "Approximations"):
+# exact first layer; element-wise independence of the activations after it (every network);
+# plus Clark's tree on rectified max-pooling windows (vgg16, densenet), the correlation of the two
+# inputs of a residual sum (resnet, wrn, mixer), squeeze-excite gates multiplied as independent
+# (efficientnet) and LayerNorm statistics taken from the means (normalised mixer). Each claim
+# covers the worst of seeds 1-5 with a margin of >= 1.2x (the comment per line: worst mean error /
+# max / median over the 5 seeds, as this test prints them; efficientnet/none seed 3 only together
+# with its noise allowance, see there); the test checks seeds 1-3, so it is not tuned to one draw.
+# The Monte Carlo noise of the measurement comes on top, as an allowance from its standard error
+# (:func:`_noise_allowance`), not as a fudge factor. (The bounds this replaces were 1.5x one
+# measurement at seed 1: at seeds 2-5 nine of the 14 configurations exceeded them, e.g.
+# vgg16/batch max 1.02 vs 0.6, efficientnet/none 4.06 vs 1.7.)
+_L = math.log
+MC_CLAIMS = {
+    # name: {normalization: (mean error bound, max |log ratio| bound, median |log ratio| bound)}
+    "mlp": {  # worst 0.08/0.62/0.09 (none), 0.06/0.36/0.08 (batch)
+        "none": (0.25, _L(3), _L(1.5)),
+        "batch": (0.25, _L(2), _L(1.5)),
+    },
+    "vgg16": {  # 0.35/0.60/0.29, 0.37/1.02/0.21 -- Clark max pooling of rectified windows
+        "none": (0.5, _L(3), _L(1.5)),
+        "batch": (0.5, _L(5), _L(1.5)),
+    },
+    "resnet20": {  # 0.11/0.72/0.26, 0.11/0.68/0.22 -- residual correlation: variance too small
+        "none": (0.25, _L(3), _L(1.5)),
+        "batch": (0.25, _L(3), _L(1.5)),
+    },
+    "wrn_28_10": {  # 0.08/0.38/0.12, 0.09/0.26/0.14
+        "none": (0.25, _L(2), _L(1.5)),
+        "batch": (0.25, _L(2), _L(1.5)),
+    },
+    "densenet_bc_100_12": {  # 0.29/1.62/0.73, 0.36/2.01/0.84 -- concatenated correlated maps, pooling
+        "none": (0.5, _L(10), _L(3)),
+        "batch": (0.5, _L(30), _L(3)),
+    },
+    "efficientnet_b0": {  # 0.19/4.06/3.34 (seed 3), 0.07/0.07/0.04
+        # NF: two squeeze-excite gates multiplied as independent of the features they gate. The
+        # outputs are heavy-tailed (kurtosis up to ~700 at seed 3), so the Monte Carlo variance is
+        # itself noisy there and the kurtosis-aware allowance is large (2.7 at seed 3).
+        "none": (0.25, _L(10), _L(5)),
+        "batch": (0.25, _L(1.5), _L(1.5)),
+    },
+    "mixer_s": {  # 0.23/0.73/0.28; LayerNorm (hidden 8): 1.48/2.54/1.69, variance overestimated
+        "none": (0.5, _L(3), _L(1.5)),
+        "batch": (2.0, _L(30), _L(10)),
+    },
 }
+MC_SEEDS = (1, 2, 3)
 
 
+@pytest.mark.parametrize("seed", MC_SEEDS)
 @pytest.mark.parametrize("normalization", ["none", "batch"])
 @pytest.mark.parametrize("name", list(TINY))
-def test_moments_match_monte_carlo(name, normalization):
-    bayes, point = _pair(name, normalization)
+def test_moments_match_monte_carlo(name, normalization, seed):
+    bayes, point = _pair(name, normalization, seed)
     x = images(bayes)
     with torch.no_grad():
         out = bayes(x)
-    z, rmax, rmed = _discrepancy(out, *_mc_moments(bayes, point, x))
-    print(f"{name} {normalization}: mean err {z:.3f} sd, |log var ratio| max {rmax:.3f} median {rmed:.3f}")
-    bz, br, bmed = MC_BOUNDS[name][normalization]
-    assert z < bz and rmax < br and rmed < bmed, (z, rmax, rmed)
+    mc = _mc_moments(bayes, point, x, seed=seed)
+    z, rmax, rmed = _discrepancy(out, *mc[:2])
+    noise_z, noise_r = _noise_allowance(out.mean.numel(), MC_SAMPLES, float(mc[2].max()))
+    print(
+        f"{name} {normalization} seed {seed}: mean err {z:.3f} sd, |log var ratio| max {rmax:.3f} "
+        f"median {rmed:.3f}; MC noise allowance {noise_z:.3f} / {noise_r:.3f}"
+    )
+    bz, br, bmed = MC_CLAIMS[name][normalization]
+    assert z < bz + noise_z and rmax < br + noise_r and rmed < bmed + noise_r, (z, rmax, rmed)
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -322,10 +349,76 @@ def test_first_layer_matches_monte_carlo_exactly(name):
     x = images(bayes)
     with torch.no_grad():
         out = first_b(x)
-    z, rmax, _ = _discrepancy(out, *_mc_moments(first_b, first_p, x))
-    # a Gaussian-weight linear map of a fixed input is exactly Gaussian: only MC noise is
-    # left, sd 1/sqrt(S) = 0.022 for the mean and sqrt(2/S) = 0.032 for log variances
-    n = out.mean.numel()
-    tol = math.sqrt(2 * math.log(4 * n))  # ~ the expected maximum of n standard normals
-    assert z < tol / math.sqrt(MC_SAMPLES) * 1.5
-    assert rmax < tol * math.sqrt(2 / MC_SAMPLES) * 1.5
+    m, v, kurt = _mc_moments(first_b, first_p, x)
+    z, rmax, _ = _discrepancy(out, m, v)
+    # a Gaussian-weight linear map of a fixed input is exactly Gaussian: only MC noise is left
+    noise_z, noise_r = _noise_allowance(out.mean.numel(), MC_SAMPLES, float(kurt.max()))
+    assert z < noise_z
+    assert rmax < noise_r
+
+
+def test_noise_allowance_covers_pure_monte_carlo_noise():
+    """The allowance is a (1 - alpha) bound on the maximum of the noise alone: exact Gaussians
+    measured by Monte Carlo stay under it (here with the moments known in closed form)."""
+    g = torch.Generator().manual_seed(0)
+    n, s = 500, MC_SAMPLES
+    mean, sd = torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5
+    draws = mean + sd * torch.randn(s, n, generator=g)
+    est_m, est_v = draws.mean(0), draws.var(0)
+    z = float(((est_m - mean).abs() / sd).max())
+    r = float((est_v / sd**2).log().abs().max())
+    noise_z, noise_r = _noise_allowance(n, s, 3.0)
+    assert z < noise_z and r < noise_r
+    # ... and is not loose: the largest of n noise terms reaches a good part of it
+    assert z > 0.5 * noise_z and r > 0.5 * noise_r
+
+
+# ----------------------------------------------------------------------------- Monte Carlo
+
+
+def _noise_allowance(n, samples, kurtosis, alpha=1e-3):
+    """Bounds on the Monte Carlo noise of :func:`_discrepancy`'s metrics for exact moments.
+
+    Over ``n`` outputs (Bonferroni, two-sided, family-wise level ``alpha``): the mean error in
+    sds is ``|N(0, 1/S)|``; ``log`` of a sample variance has standard error
+    ``sqrt((kurtosis - 1) / S)`` (``sqrt(2/S)`` for a Gaussian; heavier tails, larger noise).
+    Returns ``(mean bound, log-variance-ratio bound)``.
+    """
+    q = NormalDist().inv_cdf(1 - alpha / (2 * n))
+    return q / math.sqrt(samples), q * math.sqrt(max(kurtosis - 1.0, 2.0) / samples)
+
+
+def _mc_moments(bayes, point, x, samples=MC_SAMPLES, chunk=500, seed=0):
+    """Mean, variance and kurtosis of the point network's output over weights drawn from q."""
+    g = torch.Generator().manual_seed(seed)
+    var_keys = {}
+    for prefix, mod in bayes.named_modules():
+        if isinstance(mod, BayesLayer) and mod.bayes:
+            pre = f"{prefix}." if prefix else ""
+            var_keys[pre + "weight_mu"] = (mod.weight_mu.detach(), mod.weight_var.detach().sqrt())
+            if mod.bias_mu is not None:
+                var_keys[pre + "bias_mu"] = (mod.bias_mu.detach(), mod.bias_var.detach().sqrt())
+    fixed = {k: v for k, v in models.point_state_dict(bayes).items() if k not in var_keys}
+
+    def run(batched):
+        return torch.func.functional_call(point, {**fixed, **batched}, (x,))
+
+    ys = []
+    for start in range(0, samples, chunk):
+        s = min(chunk, samples - start)
+        draw = {k: mu + sd * torch.randn((s, *mu.shape), generator=g) for k, (mu, sd) in var_keys.items()}
+        with torch.no_grad():
+            ys.append(torch.vmap(run)(draw).double())
+    y = torch.cat(ys)
+    m = y.mean(0)
+    c = y - m
+    var = (c * c).sum(0) / (samples - 1)
+    kurt = (c**4).mean(0) / (c * c).mean(0).square()
+    return m, var, kurt
+
+
+def _discrepancy(bp, mc_mean, mc_var):
+    """(max |m_bp - m_mc| / sd_mc, max |log(v_bp / v_mc)|, median |log(v_bp / v_mc)|)."""
+    z = (bp.mean.double() - mc_mean).abs() / mc_var.sqrt()
+    r = (bp.var.double() / mc_var).log().abs()
+    return float(z.max()), float(r.max()), float(r.median())

@@ -384,7 +384,7 @@ def test_clark_max2_fused_backward_equals_autograd():
 
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
-    """``dualflow.rules.enable_compile`` (torch.compile of the fused kernels) changes speed only."""
+    """``dualflow.rules.compiled_kernels`` (torch.compile of the fused kernels) changes speed only."""
     x = _g(4, 3, 8, 8, var_scale=2.0)
     m = x.mean.float().requires_grad_(True)
     v = x.var.float().requires_grad_(True)
@@ -397,10 +397,7 @@ def test_compiled_kernels_match_eager():
         return out
 
     eager = run()
-    df.rules.enable_compile(True)
-    try:
+    with df.rules.compiled_kernels():
         compiled = run()
-    finally:
-        df.rules.enable_compile(False)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

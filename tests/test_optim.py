@@ -1,4 +1,4 @@
-"""dualflow.optim.NaturalGradient (MATH.md section 3).
+"""dualflow.optim.NaturalGradient (docs/maths.md section 3).
 
 The exactness tests use a conjugate Bayesian linear regression with known noise and the
 ``objective="elbo"`` loss: for a one-layer linear network moment propagation computes the
@@ -131,9 +131,10 @@ def test_kl_in_gradient_or_not_gives_the_same_step():
 
 
 def test_math_md_ivon_rule_does_not_land_in_one_step_but_converges_quadratically():
-    """MATH.md section 3 proposes IVON's correction lambda += 0.5 b2^2 (lambda - t)^2 / lambda and
-    says b2 = 1, lr = 1 is the fixed point. The fixed point is right, but with the correction on
-    the whole step, one b2 = 1 step from lambda != t lands on t + (lambda - t)^2 / (2 lambda), not t.
+    """The project's starting notes (docs/maths.md section 7.2) proposed IVON's correction
+    lambda += 0.5 b2^2 (lambda - t)^2 / lambda and said b2 = 1, lr = 1 is the fixed point. The
+    fixed point is right, but with the correction on the whole step, one b2 = 1 step from
+    lambda != t lands on t + (lambda - t)^2 / (2 lambda), not t.
     (The default rule, positivity="split", applies the correction to the negative-curvature part
     only and lands exactly: see the tests above.)"""
     x, y, _, lam, tau2, s0 = _blr(orthogonal=True)
@@ -182,7 +183,7 @@ def test_precision_stays_positive_under_negative_curvature(positivity, b2):
         lam_prev = lam_before if lam_prev is None else lam_prev
         plain = (1 - b2) * lam_prev + b2 * (1.0 / net.prior_var + 2 * n * g_s2)
         if step == 0:
-            assert bool((plain < 0).any())  # the uncorrected MATH.md update would go negative
+            assert bool((plain < 0).any())  # the uncorrected update would go negative
         opt.step()
         for p in (net.weight_mu, net.bias_mu):
             lam = opt.precision(p)
@@ -291,8 +292,9 @@ def test_momentum_is_debiased_so_first_step_matches_b1_zero():
 
 
 def test_precision_update_rules_agree_where_curvature_is_nonnegative():
-    """Every rule is the plain MATH.md update (1 - b2) lam + b2 (lam0 + N h) where N h >= 0 and
-    lam = lam0 + N h (the fixed point); "split" and "clip" also away from the fixed point."""
+    """Every rule is the plain update of docs/maths.md section 3, (1 - b2) lam + b2 (lam0 + N h),
+    where N h >= 0 and lam = lam0 + N h (the fixed point); "split" and "clip" also away from the
+    fixed point."""
     g = torch.Generator().manual_seed(0)
     lam = torch.rand(50, dtype=DT, generator=g) * 10 + 0.1
     nh = torch.rand(50, dtype=DT, generator=g) * 100

@@ -1,4 +1,4 @@
-"""Empirical-Bayes priors and closed-form noise (issue 10, item 1; MATH.md section 3).
+"""Empirical-Bayes priors and closed-form noise (issue 10, item 1; docs/maths.md section 3.2).
 
 The claims proved here, in float64:
 * the closed-form prior variance of a tensor, ``mean(mu^2 + sigma^2)`` (with a hyperprior:
@@ -205,3 +205,49 @@ def test_closed_form_elbo_noise_is_the_numerical_optimum():
     assert float(lik.noise_var) == pytest.approx(closed, rel=1e-6)  # full batch, ema 1: exact
     with pytest.raises(ValueError, match="objective='elbo'"):
         df.losses.GaussianLikelihood(1.0, objective="predictive", empirical=True)
+
+
+def test_method_options_are_traits_and_the_state_dict_keeps_its_keys():
+    """prior/noise/NG safeguards are Traits (validated), and they add no state_dict keys."""
+    import dualflow.methods as dm
+
+    build = dm.mlp_builder(3, 4, 1)
+    m = dm.create("bp-ng", build, curvature="ggn", positivity="clip", precision_debias=True, max_step_sd=1.0)
+    opt = m.traits.optimizer
+    assert (opt.curvature, opt.positivity, opt.precision_debias, opt.max_step_sd) == (
+        "ggn",
+        "clip",
+        True,
+        1.0,
+    )
+    assert m.traits.prior == "auto" and m.prior == "empirical" and m.traits.ggn
+    plain = dm.create("bp-ng", build, prior="fixed")
+    assert set(m.state_dict()) == set(plain.state_dict())
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        dm.create("bp-ng", build, curvature="hessian")
+    with pytest.raises(ValueError, match="needs propagation 'moments'"):
+        dm.create("reparam-ng-ensemble", build, curvature="ggn")
+    with pytest.raises(ValueError, match="applies to regression"):
+        dm.create("bp", build, task="classification", noise="heteroscedastic")
+    with pytest.raises(ValueError, match="needs objective='elbo'"):
+        dm.create("bp", build, noise="empirical")
+    with pytest.raises(TypeError, match="takes no option 'curvature'"):
+        dm.create("bp", build, curvature="ggn")
+
+
+def test_ggn_curvature_reaches_the_optimizer_at_every_training_step(monkeypatch):
+    import dualflow as df
+    import dualflow.methods as dm
+    from dualflow.optim import NaturalGradient
+
+    calls = []
+    orig = NaturalGradient.set_curvature
+    monkeypatch.setattr(NaturalGradient, "set_curvature", lambda self, s: calls.append(1) or orig(self, s))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g), torch.randn(40, 1, generator=g)
+    cfg = df.train.TrainConfig(epochs=3, batch_size=20, progress=False, threads=1)
+    dm.create("bp-ng", dm.mlp_builder(3, 4, 1), curvature="ggn").fit((x, y), cfg)
+    assert len(calls) == 6  # 3 epochs x 2 batches
+    calls.clear()
+    dm.create("bp-ng", dm.mlp_builder(3, 4, 1)).fit((x, y), cfg)  # the gradient curvature: none
+    assert calls == []

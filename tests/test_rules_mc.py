@@ -1,4 +1,4 @@
-"""Every rule of MATH.md section 1 against Monte Carlo (>= 1e6 samples, float64).
+"""Every rule of docs/maths.md section 1 against Monte Carlo (>= 1e6 samples, float64).
 
 Tolerance: ``Z`` standard errors of the MC estimate (SE of the mean ``sqrt(var/N)``; SE
 of the variance ``sqrt((mu4 - var^2)/N)`` from the samples) plus a tiny absolute slack for
@@ -68,6 +68,51 @@ def test_relu_float32_extremes_finite_and_close():
     torch.testing.assert_close(var.double(), ref_v, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_lower_tail_against_high_precision(dtype):
+    """Rectified-Gaussian moments for a = m/s from -1 to the tail clamp point, against
+    50-digit arithmetic. torch.special.ndtr (1 + erf) cancels in the lower tail: with it the
+    float32 mean was negative at a = -5 and 10-70x too large at a = -6..-8.5."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    c = rules._relu_tail(dtype)
+    a = torch.linspace(-1.0, -(c - 0.1), 40, dtype=torch.float64)
+    ref_m, ref_v = [], []
+    for x in a.tolist():
+        x = mp.mpf(x)
+        cdf, pdf = mp.ncdf(x), mp.npdf(x)
+        mean = x * cdf + pdf
+        ref_m.append(float(mean))
+        ref_v.append(float((x * x + 1) * cdf + x * pdf - mean * mean))
+    scale = 3.0  # s = 3: m = 3 a, v = 9
+    mean, var = rules.relu((scale * a).to(dtype), torch.full_like(a, scale**2).to(dtype))
+    ref_m = scale * torch.tensor(ref_m, dtype=torch.float64)
+    ref_v = scale**2 * torch.tensor(ref_v, dtype=torch.float64)
+    assert bool((mean > 0).all())
+    # h loses ~a^2 ulps and the variance ~a^4 (see rules._relu_moments)
+    tol_m, tol_v = (5e-4, 2e-2) if dtype == torch.float32 else (1e-9, 1e-7)
+    assert float(((mean.double() - ref_m) / ref_m).abs().max()) < tol_m
+    assert float(((var.double() - ref_v) / ref_v).abs().max()) < tol_v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_in_place_kernels_bitwise_equal_graph_kernels(dtype):
+    """The fused path's in-place forward/backward are the graph versions, to the bit."""
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    m = torch.randn(n, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, n, dtype=torch.float64)
+    v = torch.rand(n, generator=g, dtype=torch.float64) * torch.logspace(-30, 4, n, dtype=torch.float64)
+    m, v = m[torch.randperm(n, generator=g)].to(dtype), v.to(dtype)
+    v[:50] = 0.0
+    ref = rules._relu_moments(m, v)
+    for a, b in zip(rules._relu_moments_fused(m, v), ref):
+        assert torch.equal(a, b)
+    gm, gv = torch.randn(2, n, generator=g, dtype=torch.float64).to(dtype)
+    saved = (ref[2], ref[3], ref[0])
+    for a, b in zip(rules._relu_backward_fused(gm, gv, *saved), rules._relu_backward(gm, gv, *saved)):
+        assert torch.equal(a, b)
+
+
 def test_relu_zero_variance_is_relu():
     m = torch.tensor([-1.0, 0.5, 3.0], dtype=D, requires_grad=True)
     mean, var = rules.relu(m, torch.zeros(3, dtype=D))
@@ -115,6 +160,24 @@ def test_linear_bayes_matches_mc():
     b = gauss(bm, bv, n, g)
     y = torch.einsum("noi,ni->no", w, x) + b
     assert_mc(mean[0], var[0], y)
+
+
+def test_algorithm1_linear_variance_misses_the_weight_noise_times_input_variance():
+    """Correction to the paper (docs/maths.md section 7): Algorithm 1's variance of ``W x``,
+    ``A_{mu^2}(v) + A_{sigma^2}(m^2)``, lacks ``A_{sigma^2}(v)``. Against Monte Carlo the printed
+    form is off by far more than the standard error; ``rules.linear`` (with ``m^2 + v``) is not."""
+    g = torch.Generator().manual_seed(4)
+    m = torch.tensor([0.5, -1.0, 2.0], dtype=D)
+    v = torch.tensor([1.0, 2.0, 0.5], dtype=D)
+    wm = torch.randn(2, 3, dtype=D, generator=g)
+    wv = torch.rand(2, 3, dtype=D, generator=g) * 0.5 + 0.25
+    y = torch.einsum("noi,ni->no", gauss(wm, wv, N, g), gauss(m, v, N, g))
+    _, mc_var, _, se_v = mc_moments(y)
+    _, var = rules.linear(m[None], v[None], wm, wv)
+    paper = (wm * wm) @ v + wv @ (m * m)
+    assert bool(((var[0] - mc_var).abs() <= Z * se_v).all())
+    assert bool(((paper - mc_var).abs() > 100 * se_v).all())
+    torch.testing.assert_close(var[0] - paper, wv @ v)  # exactly the missing term
 
 
 def test_linear_point_weights_and_deterministic_input():
@@ -219,7 +282,7 @@ def _maxpool_mc(m, v, g):
 
 
 def test_maxpool_clark_tree_accuracy_bound():
-    """A 2x2 window as a tree of pairwise Clark maxima is approximate (MATH.md): assert the
+    """A 2x2 window as a tree of pairwise Clark maxima is approximate (docs/maths.md section 1.3): assert the
     documented accuracy (mean within 0.05 sd, variance within 35%) against MC."""
     g = torch.Generator().manual_seed(10)
     m = torch.randn(1, 3, 4, 4, dtype=D, generator=g)

@@ -37,3 +37,44 @@ def test_small_mlp_forward():
     out = net(torch.randn(5, 3))
     assert isinstance(out, df.Gaussian)
     assert out.mean.shape == (5, 2) and bool((out.var > 0).all())
+
+
+def test_submodules_are_attributes_and_import_stays_light():
+    """``import dualflow as df; df.methods`` works (also ``optim``, ``graphical``, ``models``);
+    ``import dualflow`` itself imports none of them and no experiment dependency."""
+    heavy = ["matplotlib", "sklearn", "dualflow.experiments", "dualflow.models"]
+    code = (
+        "import sys, dualflow as df\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+        "print(df.methods.available()[0], df.optim.NaturalGradient.__name__, df.graphical.__name__, "
+        "df.models.list_models()[0])\n"
+        "print(sorted(set(dir(df)) >= {'methods', 'optim', 'graphical', 'models'} for _ in [0]))\n"
+        "print('matplotlib' in sys.modules, 'sklearn' in sys.modules)\n"
+        "try:\n    df.nope\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[]", lines
+    assert lines[1] == "bp NaturalGradient dualflow.graphical densenet_bc", lines
+    assert lines[2] == "[True]" and lines[3] == "False False", lines
+    assert lines[4] == "module 'dualflow' has no attribute 'nope'"
+
+
+README_METHODS_SNIPPET = """
+import torch, dualflow as df
+
+x, y = torch.randn(256, 8), torch.randn(256, 1)            # inputs (N, 8), targets (N, 1)
+build = df.methods.mlp_builder(d_in=8, hidden=50, d_out=1)  # build(bayes, dropout) -> network
+m = df.methods.create("bp-ng", build, task="regression")
+m.fit((x, y), df.train.TrainConfig(epochs=2, batch_size=32))
+pred = m.predict(x[:10])       # Gaussian over y: one deterministic pass for bp / bp-ng,
+                               # S samples for sampling methods, the mixture for ensembles
+"""
+
+
+def test_readme_methods_snippet_runs_as_written():
+    """The snippet proposed for the README's "Learning methods" section (it used ``df`` without
+    importing it) runs as written in a fresh namespace."""
+    ns: dict = {}
+    exec(compile(README_METHODS_SNIPPET, "README", "exec"), ns)
+    assert isinstance(ns["pred"], df.Gaussian) and ns["pred"].mean.shape == (10, 1)

@@ -1,4 +1,4 @@
-"""Smoothing by backprop on networks (MATH.md section 4)."""
+"""Smoothing by backprop on networks (docs/maths.md section 4)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,13 @@ only move elements around.
 Arithmetic operators are disabled on purpose: ``g1 + g2`` on a tuple would silently
 concatenate. Use :func:`add_independent` (which states its independence assumption) or
 the ``dualflow.nn`` modules instead.
+
+Validation. Constructing ``Gaussian(mean, var)`` checks the shapes (two tensors of one
+shape), which costs no device synchronisation, so it stays on in every layer's hot path.
+The *values* (no NaN/inf, ``var >= 0``) need a synchronisation each, so they are checked
+where a Gaussian enters the library: the layers and containers (``check_inputs``), the
+losses, :func:`dualflow.losses.predictive_mean_var`, or on demand with
+:meth:`Gaussian.checked` / :func:`check_gaussian`.
 """
 
 from __future__ import annotations
@@ -22,22 +29,50 @@ from torch import Tensor
 __all__ = ["Gaussian", "add_independent", "as_gaussian", "cat", "check_gaussian", "stack"]
 
 
-class Gaussian(NamedTuple):
+class _Moments(NamedTuple):
+    mean: Tensor
+    var: Tensor
+
+
+class Gaussian(_Moments):
     """Element-wise independent Gaussian ``N(mean, var)`` over a tensor.
 
     Attributes:
         mean: tensor of any shape ``S``.
         var: tensor of shape ``S``, ``var >= 0`` (variances, not standard deviations).
+
+    Raises:
+        ValueError: ``mean`` and ``var`` are tensors of different shapes (checked on every
+            construction; free). Use :meth:`checked` to also check the values.
     """
 
-    mean: Tensor
-    var: Tensor
+    __slots__ = ()
+
+    def __new__(cls, mean: Tensor, var: Tensor) -> Gaussian:
+        # pytree code (vmap's out_dims) rebuilds the tuple from non-tensor leaves: only tensors are checked
+        if isinstance(mean, Tensor) and isinstance(var, Tensor) and mean.shape != var.shape:
+            raise ValueError(
+                f"Gaussian: mean and variance shapes differ: {tuple(mean.shape)} vs {tuple(var.shape)} "
+                "(broadcast them explicitly, e.g. var.expand_as(mean))"
+            )
+        return tuple.__new__(cls, (mean, var))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def deterministic(cls, x: Tensor) -> Gaussian:
         """A point mass at ``x`` (variance 0)."""
         return cls(x, torch.zeros_like(x))
+
+    @classmethod
+    def checked(cls, mean: Tensor, var: Tensor, name: str = "Gaussian") -> Gaussian:
+        """``Gaussian(mean, var)`` after :func:`check_gaussian`: same shapes and dtypes, no NaN/inf,
+        ``var >= 0`` (one device synchronisation). For user code at the API boundary."""
+        if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
+            got = f"{type(mean).__name__}, {type(var).__name__}"
+            raise TypeError(f"{name}: mean and var must be tensors, got {got}")
+        g = cls(mean, var)
+        check_gaussian(g, name)
+        return g
 
     # ------------------------------------------------------------------ tensor-like info
     @property
@@ -144,7 +179,7 @@ def as_gaussian(x: Tensor | Gaussian) -> Gaussian:
 def check_gaussian(x: Tensor | Gaussian, name: str = "input") -> None:
     """Raise ``ValueError`` if ``x`` is not a valid Gaussian.
 
-    Checks: mean and variance have the same shape; no NaN/inf in either; variance >= 0.
+    Checks: mean and variance have the same shape and dtype; no NaN/inf in either; variance >= 0.
     One device synchronisation.
     """
     if isinstance(x, Tensor):
@@ -156,6 +191,8 @@ def check_gaussian(x: Tensor | Gaussian, name: str = "input") -> None:
     m, v = x
     if m.shape != v.shape:
         raise ValueError(f"{name}: mean and variance shapes differ: {tuple(m.shape)} vs {tuple(v.shape)}")
+    if m.dtype != v.dtype:
+        raise ValueError(f"{name}: mean and variance dtypes differ: {m.dtype} vs {v.dtype}")
     ok_m, ok_v, ok_pos = torch.stack(
         [torch.isfinite(m).all(), torch.isfinite(v).all(), (v >= 0).all()]
     ).tolist()

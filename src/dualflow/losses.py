@@ -1,4 +1,4 @@
-"""Losses on propagated moments (MATH.md section 2; the paper's Eqs. 2, 4, 6).
+"""Losses on propagated moments (docs/maths.md section 2; the paper's Eqs. 2, 4, 6).
 
 The paper's loss is the marginal negative log-likelihood ``J = -log p(y | x)`` with the
 network's randomness integrated out, evaluated on the output moments ``(m_L, v_L)``.
@@ -132,9 +132,26 @@ def gaussian_log_density(
 
 
 def predictive_mean_var(pred: Tensor | Gaussian, noise_var: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
-    """Mean and variance of the predictive distribution ``N(m, v + tau^2)`` of ``y``."""
-    g = as_gaussian(pred)
-    return g.mean, g.var + torch.as_tensor(noise_var, dtype=g.mean.dtype, device=g.mean.device)
+    """Mean and variance of the predictive distribution ``N(m, v + tau^2)`` of ``y``.
+
+    The returned variance is never negative: ``pred`` is checked (same shapes, finite,
+    ``v >= 0``) and ``noise_var`` must be finite and ``>= 0``, so the sum of the two is ``>= 0``.
+    A variance computed by cancellation, ``E[x^2] - E[x]^2``, can come out below zero in floating
+    point; such an input is refused with a ``ValueError`` instead of being passed on (compute it
+    centred, ``E[(x - E x)^2]``, or clamp it knowingly). One device synchronisation.
+
+    Args:
+        pred: output moments (a tensor means variance 0).
+        noise_var: observation noise variance ``tau^2 >= 0`` (float or broadcastable tensor).
+
+    Returns:
+        ``(mean, var)``, ``var`` of the broadcast shape of ``v`` and ``noise_var``.
+    """
+    g = _check_pred(pred)
+    nv = torch.as_tensor(noise_var, dtype=g.mean.dtype, device=g.mean.device)
+    if not bool((torch.isfinite(nv) & (nv >= 0)).all()):
+        raise ValueError(f"noise_var must be finite and >= 0, got {noise_var}")
+    return g.mean, g.var + nv
 
 
 def _check_labels(target: Tensor, num_classes: int, batch: int) -> None:
@@ -185,7 +202,7 @@ def categorical_nll(
     Args:
         logits: ``(B, C)`` moments (a tensor means variance 0: ordinary cross-entropy).
         target: ``(B,)`` integer labels.
-        method: ``"probit"`` (sampling-free, MATH.md section 2) or ``"sample"``: ``S`` samples of
+        method: ``"probit"`` (sampling-free, docs/maths.md section 2.2) or ``"sample"``: ``S`` samples of
             the logits only, log-mean-exp (a check of the approximation; biased upwards for small S).
         samples: ``S`` for ``"sample"``.
     """

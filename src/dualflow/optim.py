@@ -1,4 +1,4 @@
-"""Natural-gradient variational optimizer for mean-field Gaussian weights (MATH.md section 3).
+"""Natural-gradient variational optimizer for mean-field Gaussian weights (docs/maths.md section 3).
 
 :class:`NaturalGradient` keeps, for every Bayesian weight ``w ~ N(mu, 1/lambda)`` of a
 :class:`dualflow.nn.BayesLayer`, the mean ``mu`` (the layer's ``*_mu`` parameter, updated in
@@ -9,7 +9,7 @@ place) and the precision ``lambda`` (optimizer state), and writes
 ``dL/drho = dL/d(sigma^2) * 2 sigma * sigmoid(rho)``.
 
 With ``l = mean_batch J`` (data term), prior ``N(0, 1/lambda0)`` and ``N`` training examples
-(MATH.md section 3, the paper's Appendix D)::
+(docs/maths.md section 3, the paper's Appendix D)::
 
     h      = 2 g_s2                                    # E_q[diag Hessian of l] (Price/Bonnet)
     lambda = (1 - b2) lambda + b2 (lambda0 + N h)      # with a positivity rule, below
@@ -33,13 +33,15 @@ predictive objective on badly fit points, or a sampled Hessian estimate). Three 
   negative-curvature part ``B = b2 N h-`` (``h = h+ - h-``). ``B`` is applied with the
   second-order Riemannian retraction of Lin, Schmidt & Khan (2020) / IVON (Shen et al. 2024)
   at ``A``: ``lambda' = A - B + B^2 / (2 A) = ((A - B)^2 + A^2) / (2 A) > 0``. Where ``h >= 0``
-  this *is* the plain update of MATH.md, so the ``lr = 1``, ``b2 = 1`` step stays exact.
-* ``positivity="ivon"``: MATH.md's literal rule, IVON's correction on the whole step,
+  this *is* the plain update (docs/maths.md section 3.1), so the ``lr = 1``, ``b2 = 1`` step
+  stays exact.
+* ``positivity="ivon"``: the literal rule first proposed (docs/maths.md section 7.2), IVON's
+  correction on the whole step,
   ``lambda' = (1 - b2) lambda + b2 t + b2^2 (lambda - t)^2 / (2 lambda)`` with
   ``t = lambda0 + N h``. Always positive and it has the same fixed point, but the correction
   is not zero away from it: a ``b2 = 1`` step from ``lambda != t`` lands on
   ``t + (lambda - t)^2 / (2 lambda)``, not on ``t`` (it converges quadratically in repeated
-  steps). MATH.md's "with b2 = 1, lr = 1 this is the fixed point" therefore holds for this
+  steps). The claim "with b2 = 1, lr = 1 this is the fixed point" therefore holds for this
   rule only at the fixed point, not for one step from elsewhere (tested in
   ``tests/test_optim.py``).
 
@@ -222,8 +224,8 @@ class NaturalGradient(torch.optim.Optimizer):
         data_size: ``N``, the number of training examples.
         lr: step size of the means (``1``: the fixed-point update).
         betas: ``(b1, b2)``: momentum of the mean gradient, and the weight of the new
-            curvature in the precision average (``b2 = 1``: replace; MATH.md's convention,
-            *not* Adam's).
+            curvature in the precision average (``b2 = 1``: replace; the convention of docs/maths.md
+            section 3, *not* Adam's).
         prior_precision: ``lambda0`` for every Gaussian group (default: the group's
             ``prior_precision``, i.e. the layer's ``1/prior_var``).
         kl_weight: factor of ``KL(q||p)`` already contained in the gradients (``None``:

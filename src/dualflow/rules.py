@@ -1,6 +1,6 @@
 """Moment rules: pure functions mapping input moments to output moments.
 
-Every rule of ``docs/MATH.md`` section 1 (the paper's Algorithm 1, "filtering"), grouped
+Every rule of docs/maths.md section 1 (the paper's Algorithm 1, "filtering"), grouped
 by the assumption it makes:
 
 * structural ops (reshape, concat, pad, ...) are exact and live on :class:`~dualflow.Gaussian`;
@@ -18,10 +18,10 @@ variance map of the input (a saving, not an approximation).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -31,6 +31,8 @@ from torch import Tensor
 
 __all__ = [
     "avg_pool2d",
+    "compile_enabled",
+    "compiled_kernels",
     "conv",
     "elementwise_gh",
     "elementwise_taylor",
@@ -55,11 +57,12 @@ class _Kernel:
 
     The closed-form rules chain 20-30 element-wise ops; eagerly each one is a pass over
     memory, compiled they fuse into one loop (5x faster on a 2M-element CPU map, measured).
-    Compilation is opt-in (:func:`enable_compile`, or ``DUALFLOW_COMPILE=1``) because it
-    needs a C++ compiler (CPU) or Triton (GPU) and costs ~30 s on first use.
+    Compilation is opt-in, only by an explicit call (:func:`compiled_kernels`, a context
+    manager, or :func:`enable_compile`; no environment variable is read), because it needs a
+    C++ compiler (CPU) or Triton (GPU) and costs ~30 s on first use.
     """
 
-    enabled: bool = os.environ.get("DUALFLOW_COMPILE", "0") == "1"
+    enabled: bool = False
 
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]]) -> None:
         self.fn = fn
@@ -74,17 +77,49 @@ class _Kernel:
         return self.compiled(*args)
 
 
-def enable_compile(enabled: bool = True) -> None:
+def enable_compile(enabled: bool = True) -> bool:
     """Run the fused element-wise kernels (ReLU and Clark-max moments and their analytic
-    backward passes) through ``torch.compile``. Same results to float rounding."""
+    backward passes) through ``torch.compile`` from now on (process-wide; prefer
+    :func:`compiled_kernels`, which restores the previous mode). Same results to float
+    rounding. Returns the previous setting."""
+    previous = _Kernel.enabled
     _Kernel.enabled = bool(enabled)
+    return previous
+
+
+def compile_enabled() -> bool:
+    """Whether the fused element-wise kernels currently run through ``torch.compile``."""
+    return _Kernel.enabled
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool = True) -> Iterator[None]:
+    """Context manager: the fused element-wise kernels run through ``torch.compile`` (or, with
+    ``enabled=False``, eagerly) inside the block; the previous mode is restored on exit, also on
+    an exception. Process-wide (not per thread), like every ``torch`` backend flag.
+
+    Example::
+
+        with dualflow.rules.compiled_kernels():
+            train(...)
+    """
+    previous = enable_compile(enabled)
+    try:
+        yield
+    finally:
+        _Kernel.enabled = previous
 
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
+# _ncdf_note: the ReLU rule evaluates Phi(a) as erfc(-a / sqrt 2) / 2, not torch.special.ndtr,
+# which computes (1 + erf(a / sqrt 2)) / 2 and cancels in the lower tail: in float32 its
+# relative error is ~20% at a = -5 and it is exactly 0 below a ~ -8.3 (float64 too), which
+# made the ReLU mean negative at a = -5 (float32) and 10-100x too large for a < -6.
 
 
 def var_floor(dtype: torch.dtype) -> float:
-    """Smallest variance used before ``sqrt``/division (MATH.md section 1, notes).
+    """Smallest variance used before ``sqrt``/division (docs/maths.md section 1.6).
 
     Chosen so that ``1/sqrt(floor)`` and ``m/floor`` stay far from overflow.
     """
@@ -115,7 +150,7 @@ def linear(
     """Moments of ``y = x W^T + b`` for independent Gaussian ``x``, ``W``, ``b``.
 
     Mean ``m W_mu^T + b_mu``; variance ``v (W_mu^2)^T + (m^2 + v)(W_var)^T + b_var``
-    (MATH.md section 1; the paper's Algorithm 1 omits the ``W_var v`` term). The two
+    (docs/maths.md section 1.1; the paper's Algorithm 1 omits the ``W_var v`` term: section 7.1). The two
     variance maps run as one matmul over a doubled inner dimension.
 
     Args:
@@ -221,19 +256,47 @@ def _relu_moments(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]
     With ``a = m/s`` and ``h(a) = a Phi(a) + phi(a)``: ``mean = s h(a)`` and
     ``var = v [Phi + a (a Phi (1-Phi) + phi (1 - 2 Phi)) - phi^2]``, the textbook
     ``(m^2+v) Phi + m s phi - mean^2`` rearranged so that nothing cancels when ``a >> 0``
-    (where the textbook form loses all digits of ``v`` against ``m^2``).
+    (where the textbook form loses all digits of ``v`` against ``m^2``). For ``a << 0``
+    ``Phi`` comes from ``erfc`` (accurate to the last digits in the tail); ``h`` then loses
+    about ``a^2`` and the variance ``a^4`` ulps (relative 5e-6 and 3e-4 at ``a = -9`` in
+    float32, the clamp point).
     """
     c = _relu_tail(m.dtype)
     v = v.clamp_min(var_floor(v.dtype))
     s = v.sqrt()
     a = (m / s).clamp_min(-c)
     ac = a.clamp_max(c)
-    cdf = torch.special.ndtr(ac)
+    cdf = torch.erfc(ac * -_SQRT_HALF) * 0.5  # Phi, accurate in the lower tail (see _ncdf_note)
     pdf = torch.exp(-0.5 * ac * ac) * _INV_SQRT_2PI
     ccdf = 1.0 - cdf
     mean = s * (a * cdf + pdf)
     var_n = cdf + a * (a * cdf * ccdf + pdf * (ccdf - cdf)) - pdf * pdf
     return mean, v * var_n.clamp_min(0.0), cdf, pdf / s
+
+
+def _relu_moments_fused(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_relu_moments` with its temporaries reused in place (no autograd graph).
+
+    The same operations in the same order on the same values, so the results are bitwise
+    those of :func:`_relu_moments`; 10 full-size allocations instead of 26 (each new CPU
+    buffer of a large map costs page faults on first touch). For the analytic-backward path,
+    which runs without a graph.
+    """
+    c = _relu_tail(m.dtype)
+    v = v.clamp_min(var_floor(v.dtype))
+    s = v.sqrt()
+    a = torch.div(m, s).clamp_min_(-c)
+    ac = a.clamp_max(c)
+    cdf = torch.mul(ac, -_SQRT_HALF).erfc_().mul_(0.5)
+    pdf = torch.mul(ac, -0.5).mul_(ac).exp_().mul_(_INV_SQRT_2PI)  # exp(-ac^2/2)/sqrt(2pi)
+    del ac
+    ccdf = torch.rsub(cdf, 1.0)
+    a_cdf = a * cdf
+    t = a_cdf * ccdf
+    mean = a_cdf.add_(pdf).mul_(s)  # s (a Phi + phi)
+    t.add_(ccdf.sub_(cdf).mul_(pdf)).mul_(a).add_(cdf)  # Phi + a (a Phi (1-Phi) + phi (1-2Phi))
+    var = t.sub_(torch.mul(pdf, pdf)).clamp_min_(0.0).mul_(v)
+    return mean, var, cdf, pdf.div_(s)
 
 
 class _ReLUMoments(torch.autograd.Function):
@@ -248,14 +311,18 @@ class _ReLUMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        mean, var, cdf, pdf_s = _relu_moments(m, v)
+        # eager: the in-place variant (bitwise the same); compiled: the fused kernel
+        fn = _relu_moments if _Kernel.enabled else _relu_moments_fused
+        mean, var, cdf, pdf_s = fn(m, v)
         ctx.save_for_backward(cdf, pdf_s, mean)
         return mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean: Tensor, g_var: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return _relu_backward(g_mean, g_var, *ctx.saved_tensors)
+        if _Kernel.enabled:
+            return _relu_backward(g_mean, g_var, *ctx.saved_tensors)
+        return _relu_backward_fused(g_mean, g_var, *ctx.saved_tensors)
 
 
 @_Kernel
@@ -267,8 +334,23 @@ def _relu_backward(
     return g_m, g_v
 
 
+def _relu_backward_fused(
+    g_mean: Tensor, g_var: Tensor, cdf: Tensor, pdf_s: Tensor, mean: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_relu_backward` with temporaries reused in place (bitwise the same; 4 full-size
+    allocations instead of 11)."""
+    g_m = g_mean * cdf
+    t = torch.mul(g_var, 2.0).mul_(mean)
+    u = torch.rsub(cdf, 1.0)
+    g_m.add_(t.mul_(u))  # g_mean Phi + (2 g_var) mean (1 - Phi)
+    g_v = torch.mul(pdf_s, 0.5).mul_(g_mean)
+    u = torch.mul(mean, pdf_s, out=u)
+    g_v.add_(torch.sub(cdf, u, out=u).mul_(g_var))  # g_mean pdf_s/2 + g_var (Phi - mean pdf_s)
+    return g_m, g_v
+
+
 def relu(m: Tensor, v: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
-    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (MATH.md section 1).
+    """Exact mean and variance of ``max(0, x)`` for ``x ~ N(m, v)`` (docs/maths.md section 1.2).
 
     ``mean = m Phi(a) + s phi(a)``, ``var = (m^2 + v) Phi(a) + m s phi(a) - mean^2`` with
     ``s = sqrt(v)``, ``a = m / s``, computed in a cancellation-free form and clamped at 0.
@@ -454,7 +536,7 @@ def max_pool2d_clark(
 ) -> tuple[Tensor, Tensor]:
     """Max pooling by a tree of pairwise Clark maxima (each intermediate max treated as Gaussian).
 
-    Approximate for windows of more than 2 elements (MATH.md section 1, notes). Padded
+    Approximate for windows of more than 2 elements (docs/maths.md section 1.3). Padded
     positions are ignored (as ``-inf`` padding would be).
     """
     h, w = m.shape[-2:]
@@ -566,7 +648,7 @@ def layer_norm(
     bias: Tensor | None,
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor | None]:
-    """LayerNorm with the statistics of the mean (MATH.md section 1, notes).
+    """LayerNorm with the statistics of the mean (docs/maths.md section 1.5).
 
     ``m' = g (m - mean(m)) / sqrt(var(m) + eps) + b``, ``v' = v g^2 / (var(m) + eps)``: the
     statistics are taken over the means only (treated as deterministic in the variance

@@ -1,6 +1,6 @@
 """Smoothing by backpropagation: the posterior over hidden activations given the label.
 
-Theorems 1-2 of the paper (MATH.md section 4): treat a layer's output moments
+Theorems 1-2 of the paper (docs/maths.md section 4): treat a layer's output moments
 ``(m_l, v_l)`` as free inputs of the rest of the network, let
 ``g_m = d log p(y|x) / d m_l`` and ``g_v = d log p(y|x) / d v_l`` (one autodiff pass), then
 
@@ -21,10 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from dualflow.gaussian import Gaussian, as_gaussian
-from dualflow.nn.base import BayesLayer
 
 __all__ = ["LayerMoments", "importance_smoothing", "log_likelihood_fn", "smooth"]
 
@@ -152,41 +150,34 @@ def importance_smoothing(
     importance-weighted moments (consistent as ``samples`` grows; its effective sample size
     falls when the likelihood is sharp).
     """
+    from dualflow.methods.propagation import propagation  # lazy: methods builds on the core
+    from dualflow.train.state import seeded
+
     mods = list(modules) if modules is not None else _default_modules(model)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BayesLayer)]
     names = {id(m): n for n, m in mods}
     was = model.training
     model.eval()
     logws = []
     acts_all: list[dict[str, Tensor]] = []
-    for _ in range(samples):
-        params: dict[str, Tensor] = {}
-        for n, layer in layers:
-            pre = f"{n}." if n else ""
-            for attr, mean, var in (
-                ("weight", layer.weight_mean, layer.weight_var),
-                ("bias", layer.bias_mean, layer.bias_var),
-            ):
-                if mean is None:
-                    continue
-                eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
-                params[f"{pre}{attr}_mu"] = mean + var.sqrt() * eps
-                if getattr(layer, f"{attr}_rho") is not None:
-                    params[f"{pre}{attr}_rho"] = torch.full_like(mean, -float("inf"))
-        acts: dict[str, Tensor] = {}
+    # one network per pass: the "reparam" propagation draws every layer's weights once per
+    # forward (dualflow.nn.sampling.sample_weights), from a stream seeded by ``generator``
+    seed = None if generator is None else int(torch.randint(0, 2**62, (), generator=generator))
+    with propagation(model, "reparam"), seeded(seed):
+        for _ in range(samples):
+            acts: dict[str, Tensor] = {}
 
-        def hook(mod, _i, out, acts=acts):
-            acts[names[id(mod)]] = as_gaussian(out).mean
+            def hook(mod, _i, out, acts=acts):
+                acts[names[id(mod)]] = as_gaussian(out).mean
 
-        hs = [m.register_forward_hook(hook) for _, m in mods]
-        try:
-            out = as_gaussian(functional_call(model, params, (x,)))
-        finally:
-            for h in hs:
-                h.remove()
-        r = (y.reshape(out.mean.shape) - out.mean) ** 2
-        logws.append((-0.5 * r / noise_var).reshape(r.shape[0], -1).sum(1))
-        acts_all.append(acts)
+            hs = [m.register_forward_hook(hook) for _, m in mods]
+            try:
+                out = as_gaussian(model(x))
+            finally:
+                for h in hs:
+                    h.remove()
+            r = (y.reshape(out.mean.shape) - out.mean) ** 2
+            logws.append((-0.5 * r / noise_var).reshape(r.shape[0], -1).sum(1))
+            acts_all.append(acts)
     model.train(was)
     lw = torch.stack(logws)  # (S, B)
     w = torch.softmax(lw, dim=0)

@@ -10,19 +10,16 @@
 * :func:`normalize`, :func:`train_transform`, :func:`eval_transform`.
 
 How losses consume mixed targets: :func:`mixup`/:func:`cutmix` return the mixed inputs and
-a :class:`MixedTargets` ``(y_a, y_b, lam)``. The loss is
-``lam * loss(out, y_a) + (1 - lam) * loss(out, y_b)`` (:meth:`MixedTargets.loss`), which
-for any loss linear in the one-hot target -- cross-entropy, and
+a :class:`dualflow.train.MixedTargets` ``(y_a, y_b, lam)``. The loss is
+``lam * loss(out, y_a) + (1 - lam) * loss(out, y_b)`` (:func:`dualflow.train.mixed_loss`),
+which for any loss linear in the one-hot target -- cross-entropy, and
 :func:`dualflow.losses.categorical_nll` ``-log E softmax(z)_y`` -- equals the loss against
 the soft target ``lam onehot(y_a) + (1 - lam) onehot(y_b)`` (:meth:`MixedTargets.soft`).
-Inside :func:`dualflow.train.fit` mixing goes into ``step_fn`` (``fit`` passes integer
-labels through to it)::
+The one training loop combines it for every loss: give :func:`dualflow.train.fit` (or
+:meth:`dualflow.methods.Method.fit`) the batch transform::
 
     mix = MixAugment(mixup_alpha=0.2, cutmix_alpha=1.0)
-
-    def step_fn(model, x, y):
-        x, t = mix(x, y)
-        return t.loss(dualflow.losses.categorical_nll, model(x))
+    method.fit(data, config, transform=mix)   # (x, y) -> (mixed x, MixedTargets)
 
 Randomness: every function takes an optional ``torch.Generator``; without one it draws
 from torch's global generator (which ``fit`` seeds and checkpoints).
@@ -32,11 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dualflow.train.objective import MixedTargets
 
 __all__ = [
     "MixAugment",
@@ -111,27 +109,6 @@ def random_crop_flip(
         cols = torch.where(do_flip[:, None], cols.flip(1), cols)
     out = xp.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * p))
     return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
-
-
-class MixedTargets(NamedTuple):
-    """Targets of a mixed batch: example ``i`` is ``lam`` parts of class ``y_a[i]`` and
-    ``1 - lam`` parts of class ``y_b[i]``."""
-
-    y_a: Tensor
-    y_b: Tensor
-    lam: float
-
-    def soft(self, num_classes: int) -> Tensor:
-        """Soft targets ``lam onehot(y_a) + (1 - lam) onehot(y_b)``, shape ``(B, num_classes)``."""
-        a = F.one_hot(self.y_a, num_classes).float()
-        b = F.one_hot(self.y_b, num_classes).float()
-        return self.lam * a + (1.0 - self.lam) * b
-
-    def loss(self, loss_fn: Callable[[object, Tensor], Tensor], output: object) -> Tensor:
-        """``lam loss_fn(output, y_a) + (1 - lam) loss_fn(output, y_b)``."""
-        if self.lam >= 1.0:
-            return loss_fn(output, self.y_a)
-        return self.lam * loss_fn(output, self.y_a) + (1.0 - self.lam) * loss_fn(output, self.y_b)
 
 
 def _beta(alpha: float, generator: torch.Generator | None) -> float:

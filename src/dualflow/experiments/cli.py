@@ -70,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(f"dualflow.experiments.commands.{args._module}")
+    from dualflow.experiments.io import MissingExtraError
+
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, MissingExtraError) as err:  # user errors: one line, no traceback
         print(f"dualflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,7 +11,8 @@ Launch several processes with ``torchrun`` (one per GPU, or several CPU processe
 the ``nccl`` backend on CUDA and ``gloo`` on CPU. Without those variables (a plain run)
 nothing is initialised and every helper is a no-op for one process.
 
-What each rank does (see :mod:`dualflow.experiments.classify`): it trains on its own shard
+What each rank does (see :mod:`dualflow.experiments.classify` and :func:`parallel`, the
+hooks handed to the one training loop :func:`dualflow.train.fit`): it trains on its own shard
 of every epoch's permutation (:class:`~dualflow.experiments.data.BatchLoader` with
 ``num_replicas``/``rank``), so the *global* batch is ``world_size x`` the per-process
 ``--batch-size``; DDP averages the gradients of the per-rank mean losses, which equals the
@@ -36,6 +37,7 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "env_world_size",
+    "parallel",
     "resolve_device",
     "setup",
 ]
@@ -176,3 +178,28 @@ def cleanup() -> None:
     """Leave the process group (if this process joined one)."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def parallel(info: DistInfo) -> Any:
+    """The :class:`dualflow.train.Parallel` hooks of this process for :func:`dualflow.train.fit`:
+    ``DistributedDataParallel`` around the objective, sums/gathers/broadcasts over the process
+    group. One process: the no-op default."""
+    from dualflow.train import Parallel
+
+    if not info.enabled:
+        return Parallel()
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+    return Parallel(
+        rank=info.rank,
+        world_size=info.world_size,
+        wrap=wrap,
+        all_reduce_sum=all_reduce_sum,
+        all_gather=all_gather_objects,
+        broadcast=broadcast_object,
+        barrier=barrier,
+    )

@@ -60,7 +60,6 @@ from torch import Tensor
 
 import dualflow.methods as dm
 from dualflow.nn.base import BayesLayer
-from dualflow.nn.base import kl as model_kl
 from dualflow.train import TrainConfig
 
 __all__ = [
@@ -428,7 +427,7 @@ def prepare_methods(
     out = {}
     for name in methods:
         m = dm.create(name, build, task=task, **(method_kw or {}))
-        if m.bayes:
+        if m.traits.gaussian:
             m.net.load_state_dict(state)
         else:
             ref = build(True)
@@ -439,8 +438,11 @@ def prepare_methods(
 
 
 def _objective(m: dm.Method, n_train: int) -> Callable[[Any, Tensor], Tensor]:
+    """The training step's objective ``J + KL / N`` (the one loop's, :meth:`Method.objective`)."""
+    step = m.objective(1.0 / n_train)
+
     def obj(x: Any, y: Tensor) -> Tensor:
-        return m.loss(x, y) + model_kl(m.net) / n_train
+        return step(x, y).loss
 
     return obj
 
@@ -661,7 +663,6 @@ def run_convergence(
                 progress=False,
                 kl_weight=None if kl_n is None else 1.0 / kl_n,
             )
-            torch.manual_seed(seed + 1)  # same sampling-noise stream start for every method
             t0 = time.perf_counter()
             hist = m.fit((xtr_f, ytr), cfg, eval_fn=ev, device=device)
             for e in hist.epochs:

@@ -27,7 +27,9 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -344,23 +346,16 @@ class _RegistryMethod:
         ``mean_phase_lr`` or ``config.lr``, also for ``bp-ng``), the rest on means and
         variances from there (each phase with its own cosine schedule)."""
         e1 = round(self.mean_phase * config.epochs) if self.mean_phase > 0 else 0
-        if e1 <= 0 or not self.method.bayes:
+        if e1 <= 0 or not self.method.traits.gaussian:
             self.method.fit((x, y), config)
             return
         net = self.method
         _hold_variances(net, self.mean_phase_sd)
         lr1 = float(self.mean_phase_lr) if self.mean_phase_lr is not None else config.lr
         cfg1 = replace(config, epochs=e1, lr=lr1)
-        # phase 1 is plain Adam for every method (natural-gradient steps need the variances)
-        own = net.__dict__.get("configure_optimizer")
-        net.configure_optimizer = lambda params, n, cfg: df.train.make_optimizer(params, cfg)
-        try:
-            net.fit((x, y), cfg1)
+        try:  # phase 1 is plain Adam for every method (natural-gradient steps need the variances)
+            net.fit((x, y), cfg1, optimizer=lambda params: df.train.make_optimizer(params, cfg1, model=net))
         finally:
-            if own is None:
-                del net.configure_optimizer
-            else:
-                net.configure_optimizer = own
             _hold_variances(net, None)
         if config.epochs - e1 > 0:
             net.fit((x, y), replace(config, epochs=config.epochs - e1, seed=config.seed + 1))
@@ -700,6 +695,10 @@ def expand_datasets(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
+#: fixed seconds per job in :func:`job_cost` (process start-up share, data, evaluation)
+JOB_OVERHEAD_S = 0.5
+
+
 def job_cost(
     n_train: int, epochs: int, hidden: int, method: str, hp: dict[str, Any], n_candidates: int
 ) -> float:
@@ -711,7 +710,7 @@ def job_cost(
     sel = METHODS[method].selection
     shrink = SELECTION_STEPS * sel.get("ensemble_size", 1) / hp.get("ensemble_size", 1)
     runs = 1.0 + (1.0 - VALIDATION_FRACTION) * shrink * (n_candidates if n_candidates > 1 else 0)
-    return per_run * runs + 0.5
+    return per_run * runs + JOB_OVERHEAD_S
 
 
 def write_records(
@@ -803,6 +802,143 @@ def _fmt_time(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
+#: optimizer steps of the two timing runs of :func:`_calibrate`
+CALIBRATION_STEPS = (20, 100)
+
+
+def _calibrate(dataset: str, methods: Sequence[str], options: RunOptions) -> dict[str, tuple[float, float]]:
+    """``method -> (ratio, fixed)``: measured / nominal cost of the training work on this machine,
+    now, and the measured fixed seconds of one training run.
+
+    :func:`job_cost` uses step times measured once on an idle core; under ``fit``'s overhead and
+    a shared machine real jobs took 3-7x longer. Two short runs of the real training code
+    (:func:`train_and_evaluate` on split 0 of ``dataset`` at the protocol's batch size, with
+    :data:`CALIBRATION_STEPS` steps, after an untimed warm-up run) give the time of the extra
+    steps; its ratio to the nominal cost of the same steps scales the work of every job of the
+    method (fixed costs cancel in the difference), and the rest of the first run is the fixed
+    cost. A job is then expected to take ``ratio * (job_cost - JOB_OVERHEAD_S) + fixed``.
+    :func:`run_benchmark` runs this in every worker at once, so that the workers' contention
+    for the cores is measured too.
+    """
+    ds = _dataset(dataset, options.data_dir)
+    xtr, ytr, xte, yte = ds.split(0)
+    epochs = options.epochs if options.epochs is not None else ds.n_epochs
+    out = {}
+    for m in methods:
+        hp = _candidates(METHODS[m], options.overrides)[0]
+        bs, _ = schedule(len(ytr), epochs, hp)
+        seconds, nominal = [], []
+        try:
+            # the first run of a method pays one-off costs (imports, kernel set-up): untimed
+            for steps in (CALIBRATION_STEPS[0], *CALIBRATION_STEPS):
+                hp_cal = {**hp, "steps": steps, "batch_size": bs}
+                t0 = time.perf_counter()
+                train_and_evaluate(m, hp_cal, xtr, ytr, xte, yte, hidden=ds.n_hidden, epochs=1, seed=0)
+                seconds.append(time.perf_counter() - t0)
+                nominal.append(job_cost(len(ytr), 1, ds.n_hidden, m, hp_cal, 1))
+        except FloatingPointError:  # a diverging timing run says nothing about speed
+            out[m] = (1.0, JOB_OVERHEAD_S)
+            continue
+        (t1, t2), (n1, n2) = seconds[1:], nominal[1:]
+        if t2 > t1:
+            ratio = (t2 - t1) / max(n2 - n1, 1e-6)
+        else:  # noise swamped the difference: charge the whole longer run to its steps
+            ratio = t2 / max(n2 - JOB_OVERHEAD_S, 1e-6)
+        out[m] = (ratio, max(t1 - ratio * (n1 - JOB_OVERHEAD_S), 0.0))
+    return out
+
+
+def _calibration_task(task: tuple[str, tuple[str, ...], RunOptions]) -> dict[str, tuple[float, float]]:
+    return _calibrate(*task)
+
+
+class _Progress:
+    """Which jobs run, for how long, and an ETA; printed every ``every`` seconds by a thread.
+
+    Jobs are handed out in submission order (one at a time to each free worker), so the jobs in
+    flight are the first ``workers`` unfinished ones; a job starts when the previous one on its
+    worker finished. Expected job times are the calibrated costs, corrected by the ratio of
+    actual to expected time of the jobs finished so far.
+    """
+
+    def __init__(
+        self,
+        jobs: list[tuple[str, int, str]],
+        expected: dict[tuple[str, int, str], float],
+        workers: int,
+        log: Callable[[str], None],
+        every: float,
+    ) -> None:
+        self.pending = list(jobs)
+        self.expected = expected
+        self.workers = max(1, min(workers, len(jobs)))
+        self.log, self.every = log, every
+        self.t0 = time.perf_counter()
+        self.running: dict[tuple[str, int, str], float] = {}
+        self.done_actual = self.done_expected = 0.0
+        self.n_done = 0
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _start_next(self, now: float) -> None:
+        while self.pending and len(self.running) < self.workers:
+            self.running[self.pending.pop(0)] = now
+
+    def start(self) -> None:
+        with self.lock:
+            self._start_next(time.perf_counter())
+        if self.every > 0:
+            self.thread = threading.Thread(target=self._beat, name="uci-progress", daemon=True)
+            self.thread.start()
+
+    def finish(self, key: tuple[str, int, str], seconds: float) -> None:
+        with self.lock:
+            self.running.pop(key, None)
+            self.n_done += 1
+            self.done_actual += seconds
+            self.done_expected += self.expected[key]
+            self._start_next(time.perf_counter())
+
+    def correction(self) -> float:
+        """Actual / expected time of the finished jobs (1 before any finished)."""
+        return self.done_actual / self.done_expected if self.done_expected > 0 else 1.0
+
+    def eta(self) -> float:
+        """Seconds left: expected time of the jobs not finished, less what the running ones have done.
+
+        A running job already slower than expected (the machine got busier) raises the
+        correction for the rest: the slowest running job's elapsed / expected is a lower bound
+        of the current slow-down."""
+        now, c = time.perf_counter(), self.correction()
+        c = max([c] + [(now - t) / self.expected[k] for k, t in self.running.items() if self.expected[k] > 0])
+        left = sum(c * self.expected[k] for k in self.pending)
+        left += sum(max(c * self.expected[k] - (now - t), 0.0) for k, t in self.running.items())
+        return left / self.workers
+
+    def line(self) -> str:
+        with self.lock:
+            now, c = time.perf_counter(), self.correction()
+            parts = [
+                f"{d} split {i} {m} {_fmt_time(now - t)} of ~{_fmt_time(c * self.expected[(d, i, m)])}"
+                for (d, i, m), t in self.running.items()
+            ]
+            total = self.n_done + len(self.running) + len(self.pending)
+            return (
+                f"       running: {'; '.join(parts) or '-'} | {self.n_done}/{total} done, "
+                f"elapsed {_fmt_time(now - self.t0)}, ETA {_fmt_time(self.eta())}"
+            )
+
+    def _beat(self) -> None:
+        while not self.stop_event.wait(self.every):
+            self.log(self.line())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 def run_benchmark(
     datasets: Sequence[str],
     methods: Sequence[str],
@@ -814,14 +950,20 @@ def run_benchmark(
     resume: bool = False,
     log: Callable[[str], None] = print,
     meta: dict[str, Any] | None = None,
+    progress_every: float = 30.0,
+    calibrate: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Run every (data set, split, method); write the records to ``out`` after each job.
 
-    Jobs run largest first over ``workers`` processes; progress and an ETA (from the measured
-    time per unit of :func:`job_cost`) are printed as jobs finish. Rows already in ``out`` of
-    other methods or other variants (:func:`run_variant`: search, heteroscedastic, ...) are kept;
-    this run's rows replace those of the same methods and variant, or with ``resume`` the jobs
-    already there are skipped.
+    Jobs run largest first over ``workers`` processes. Before the first job, the time estimate
+    is calibrated on this machine (:func:`_calibrate`; ``calibrate=None``: only when the nominal
+    estimate exceeds 10 s, so quick checks start at once); while jobs run, a line every
+    ``progress_every`` seconds (0: never) names the running jobs, their time so far against
+    the expected time, and the ETA; a line per finished job gives its result. The estimate is
+    corrected by the actual times of the finished jobs as they come in. Rows already in ``out``
+    of other methods or other variants (:func:`run_variant`: search, heteroscedastic, ...) are
+    kept; this run's rows replace those of the same methods and variant, or with ``resume`` the
+    jobs already there are skipped.
     """
     for m in methods:
         if m not in METHODS:
@@ -858,43 +1000,80 @@ def run_benchmark(
             jobs = [j for j in jobs if (j[1][0], j[1][2], j[1][1]) not in done]
             log(f"resuming: {len(records)} records of this run in {out}, {len(jobs)} jobs left")
     jobs.sort(key=lambda j: -j[0])
-    total_cost = sum(c for c, _ in jobs)
-    cost_of = {(j[0], j[1], j[2]): c for c, j in jobs}
-    t_start = time.perf_counter()
-    done_cost = 0.0
+    n_workers = max(1, min(workers, len(jobs)))
+    torch.set_num_threads(max(1, options.threads))
+    nominal_total = sum(c for c, _ in jobs) / n_workers
+    if calibrate is None:
+        calibrate = nominal_total > 10.0
+    scale = {m: (1.0, JOB_OVERHEAD_S) for m in methods}
+    cal_task = (jobs[0][1][0], tuple(sorted({j[2] for _, j in jobs})), options) if jobs else None
     meta = dict(meta or {})
     meta.setdefault("versions", _versions())
-    log(
-        f"{len(jobs)} jobs ({len(datasets)} data sets x {len(methods)} methods x splits) on "
-        f"{workers} worker(s), {options.threads} thread(s) each; estimated "
-        f"{_fmt_time(total_cost / max(1, min(workers, len(jobs))))} with an idle core per worker"
-    )
+    t_start = time.perf_counter()
+    progress: _Progress | None = None
+    estimate = 0.0
+
+    def begin(calibrations: list[dict[str, tuple[float, float]]]) -> None:
+        """Scale the nominal costs by the calibrations (one per worker), print the estimate and
+        start the progress reporter."""
+        nonlocal progress, estimate
+        if calibrations:
+            for m in calibrations[0]:
+                scale[m] = (
+                    statistics.fmean(c[m][0] for c in calibrations),
+                    statistics.fmean(c[m][1] for c in calibrations),
+                )
+            log(
+                f"calibration on {len(calibrations)} worker(s) (measured / nominal step cost; fixed s per "
+                "run): " + ", ".join(f"{m} {scale[m][0]:.2f}x, {scale[m][1]:.2f} s" for m in calibrations[0])
+            )
+        expected = {
+            (j[0], j[1], j[2]): scale[j[2]][0] * (c - JOB_OVERHEAD_S) + scale[j[2]][1] for c, j in jobs
+        }
+        estimate = sum(expected.values()) / n_workers
+        meta["estimated_seconds"] = estimate
+        log(
+            f"{len(jobs)} jobs ({len(datasets)} data sets x {len(methods)} methods x splits) on "
+            f"{workers} worker(s), {options.threads} thread(s) each; estimated {_fmt_time(estimate)} "
+            + ("(step time calibrated on this machine)" if calibrations else "(nominal step times)")
+        )
+        progress = _Progress([(j[0], j[1], j[2]) for _, j in jobs], expected, n_workers, log, progress_every)
+        progress.start()
 
     def finished(i: int, rec: dict[str, Any]) -> None:
-        nonlocal done_cost
+        assert progress is not None
         records.append(rec)
-        done_cost += cost_of[(rec["dataset"], rec["split"], rec["method"])]
+        progress.finish((rec["dataset"], rec["split"], rec["method"]), float(rec["seconds"]))
         elapsed = time.perf_counter() - t_start
-        eta = elapsed * (total_cost - done_cost) / max(done_cost, 1e-9)
         log(
             f"[{i:>4}/{len(jobs)}] {rec['dataset']:<9} split {rec['split']:>2} {rec['method']:<9} "
             + (f"rmse {rec['rmse']:.4g}  ll {rec['ll']:.3f}" if not rec["failed"] else "FAILED (diverged)")
             + f"  ({rec['seconds']:.1f} s)  "
-            f"elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(eta)}"
+            f"elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(progress.eta())}"
         )
         if out is not None:
             write_records(out, others + records, {**meta, "elapsed_seconds": elapsed})
 
-    if workers <= 1 or len(jobs) <= 1:
-        torch.set_num_threads(max(1, options.threads))
-        for i, (_, job) in enumerate(jobs, 1):
-            finished(i, _run_job(job))
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_worker_init, initargs=(options.threads,)) as pool:
-            for i, rec in enumerate(pool.imap_unordered(_run_job, [j for _, j in jobs]), 1):
-                finished(i, rec)
-    log(f"done: {len(records)} records in {_fmt_time(time.perf_counter() - t_start)}")
+    try:
+        if n_workers <= 1:
+            begin([_calibrate(*cal_task)] if calibrate and cal_task else [])
+            for i, (_, job) in enumerate(jobs, 1):
+                finished(i, _run_job(job))
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(options.threads,)) as pool:
+                tasks = [cal_task] * n_workers if calibrate and cal_task else []
+                begin(pool.map(_calibration_task, tasks, chunksize=1) if tasks else [])
+                for i, rec in enumerate(pool.imap_unordered(_run_job, [j for _, j in jobs]), 1):
+                    finished(i, rec)
+    finally:
+        if progress is not None:
+            progress.stop()
+    total = time.perf_counter() - t_start
+    log(
+        f"done: {len(records)} records in {_fmt_time(total)}"
+        + (f" (estimated {_fmt_time(estimate)})" if jobs else "")
+    )
     return records
 
 

@@ -1,248 +1,368 @@
-"""Learning methods with one interface: ``fit``, ``predict``, ``evaluate``.
+"""One learning-method class, configured by :class:`~dualflow.methods.traits.Traits`.
 
-Every method wraps networks made by the same builder (:mod:`dualflow.methods.builders`) and
-trains them with :func:`dualflow.train.fit`, minimising ``mean_batch J + kl_weight KL(q||p)``
-where ``J`` is the method's data term (:meth:`Method.loss`).
+A :class:`Method` holds ``traits.members`` networks (made by a builder, or the user's model)
+and, for regression, one Gaussian likelihood per network with its (learned or fixed)
+observation noise variance ``tau^2``. Training goes through the one loop,
+:func:`dualflow.train.fit`, minimising ``mean_batch J + kl_weight KL(q||p)``, where the data
+term ``J`` is :meth:`Method.loss` of :meth:`Method.training_outputs`.
 
-Predictive distributions (:meth:`Method.predict`):
+Predictive distributions (:meth:`Method.predictive`, :meth:`Method.predict`):
 
 * regression: a :class:`~dualflow.Gaussian` over ``y`` (mean, variance *including* the
-  observation noise ``tau^2``). With several passes (weight samples, dropout masks, ensemble
-  members) the mixture is moment-matched: ``mean = avg m_s``,
-  ``var = avg (v_s + tau_s^2) + avg (m_s - mean)^2``;
+  observation noise ``tau^2``; ``noise=False`` leaves it out). With several passes (weight
+  samples, dropout masks, members) the mixture is moment-matched:
+  ``mean = avg m_s``, ``var = avg (v_s + tau_s^2) + avg (m_s - mean)^2``;
 * classification: class probabilities ``(B, C)``, the average of each pass's
   ``E softmax`` (probit approximation for Gaussian logits, softmax for sampled logits).
+
+With ``traits.noise == "heteroscedastic"`` the noise variance is per input: the network's
+second half of outputs is ``log tau^2(x)`` and ``tau_s^2`` above is its expectation
+(:class:`~dualflow.losses.HeteroscedasticLikelihood`).
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar
+from contextlib import ExitStack
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dualflow import losses
 from dualflow.gaussian import Gaussian, as_gaussian
-from dualflow.methods.builders import Builder
 from dualflow.methods.propagation import mc_dropout, propagation, set_propagation
-from dualflow.nn.base import PRIORS, PROPAGATIONS, set_prior
-from dualflow.optim import NaturalGradient
-from dualflow.train import History, TrainConfig, make_optimizer
+from dualflow.methods.traits import Traits
+from dualflow.nn.base import PROPAGATIONS, BayesLayer, set_prior
+from dualflow.nn.base import kl as model_kl
+from dualflow.nn.dropout import Dropout
+from dualflow.train import History, Objective, TrainConfig
+from dualflow.train import data_size as _examples
 from dualflow.train import fit as train_fit
 
-__all__ = [
-    "BPMethod",
-    "EnsembleMethod",
-    "MCDropoutMethod",
-    "Method",
-    "SamplingMethod",
-    "VanillaMethod",
-]
+__all__ = ["TASKS", "Method"]
 
 TASKS = ("regression", "classification")
-#: observation-noise models of regression methods (option ``noise``): ``"homoscedastic"``
-#: (one learned ``tau^2``), ``"empirical"`` (one ``tau^2`` fitted in closed form to the ELBO,
-#: needs ``objective="elbo"``), ``"heteroscedastic"`` (the network's second half of outputs is
-#: ``log tau^2(x)``: :class:`~dualflow.losses.HeteroscedasticLikelihood`)
-NOISES = ("homoscedastic", "empirical", "heteroscedastic")
+_DROPOUT = (Dropout, torch.nn.modules.dropout._DropoutNd)
 
 
-def _data_size(data: Any) -> int:
-    return int(data[1].shape[0]) if isinstance(data, tuple) else len(data)
+def _reinitialise(model: torch.nn.Module) -> torch.nn.Module:
+    """Call ``reset_parameters`` of every submodule that has one (a fresh random init)."""
+    count = 0
+    for mod in model.modules():
+        reset = getattr(mod, "reset_parameters", None)
+        if callable(reset) and next(mod.parameters(recurse=False), None) is not None:
+            reset()
+            count += 1
+    if count == 0:
+        raise ValueError(
+            "cannot make independent ensemble members from this model: none of its modules has "
+            "reset_parameters(); pass a builder build(bayes, dropout=0.0) instead"
+        )
+    return model
 
 
-def _no_loss(*_: Any) -> Tensor:  # fit() needs a loss_fn; every method passes step_fn instead
-    raise RuntimeError("unreachable: dualflow.methods trains through step_fn")
+def _check_model(model: torch.nn.Module, traits: Traits, name: str) -> None:
+    gaussian = [m for m in model.modules() if isinstance(m, BayesLayer) and m.bayes]
+    if traits.gaussian and not gaussian:
+        raise ValueError(
+            f"method {name!r} trains Gaussian weights but the model has no dualflow layer with "
+            "bayes=True: convert it first (dualflow.nn.from_torch(model)) or pass a builder"
+        )
+    if not traits.gaussian and gaussian:
+        raise ValueError(
+            f"method {name!r} trains point weights but the model has Gaussian layers (bayes=True): "
+            "pass a point model (e.g. build(bayes=False)) or a builder"
+        )
+    if traits.mc_dropout and not any(isinstance(m, _DROPOUT) for m in model.modules()):
+        raise ValueError(f"method {name!r} (MC dropout) needs a model with dropout modules")
 
 
 class Method(torch.nn.Module):
-    """Base class of the learning methods (see :func:`dualflow.methods.create`).
+    """A learning method: networks, likelihood(s), and how to train and predict, as traits.
 
-    A ``Method`` is a ``torch.nn.Module`` holding the network(s) and, for regression, the
-    Gaussian likelihood with its (learned or fixed) noise variance; ``state_dict`` /
-    ``load_state_dict`` save and restore all of it.
+    Create registry methods with :func:`dualflow.methods.create`; compose your own with
+    ``Method(Traits(...), builder_or_model, task=...)``. ``state_dict`` / ``load_state_dict``
+    save and restore everything, :attr:`is_fitted` included.
 
     Args:
-        build: ``build(bayes, dropout=0.0) -> dualflow.nn`` network (:func:`mlp_builder`, ...).
+        traits: :class:`~dualflow.methods.Traits`.
+        model: a builder ``build(bayes: bool, dropout: float = 0.0) -> module`` called once per
+            member, or a ``torch.nn.Module``. A module is used as it is (by reference) as the
+            first member; further members are deep copies re-initialised by every submodule's
+            ``reset_parameters()`` (under the current global RNG). A module must already have
+            the weights the traits need: Gaussian methods need dualflow layers with
+            ``bayes=True`` (convert with :func:`dualflow.nn.from_torch`), point methods a model
+            without them (any ``torch.nn`` model whose output is a tensor works); otherwise a
+            ``ValueError`` says which conversion is needed. MC dropout needs dropout modules
+            in the model (``dualflow.nn.Dropout`` or ``torch.nn.Dropout``). A sampling
+            propagation is set on the model's layers.
         task: ``"regression"`` (Gaussian likelihood, output ``(B, D)``) or
             ``"classification"`` (output logits ``(B, C)``, integer labels).
-        samples: ``S``, forward passes for a sampled predictive distribution.
-        ensemble_size: members of an ensemble (used by ``ensemble``).
-        noise_var: initial (or fixed) observation noise variance ``tau^2`` (regression).
-        learn_noise: learn ``tau^2`` by gradient (regression).
-        dropout: dropout rate passed to ``build`` (default: 0, MC dropout: 0.1).
-        prior: prior of the Gaussian weights, ``"fixed"`` or ``"empirical"`` (empirical Bayes
-            per weight tensor, :func:`dualflow.nn.set_prior`); default: for regression the
-            method's ``default_prior`` (``bp``, ``bp-ng``: ``"empirical"``; others ``"fixed"``),
-            for classification ``"fixed"`` (measured: on a 130-example classification set the
-            empirical prior shrinks until the network collapses to the prior, test NLL 0.60
-            after 20 epochs and log 3 after 60, against 0.20 and 0.18 with the fixed prior).
-        noise: observation-noise model (regression), one of :data:`NOISES`. With
-            ``"heteroscedastic"`` ``build`` must return ``2 D`` outputs.
-    """
+        samples: ``S``, forward passes of a sampled predictive distribution.
+        noise_var: initial (or fixed) observation noise variance ``tau^2`` (regression; with
+            heteroscedastic noise ``e^c``, the noise variance at a zero log-variance output).
+        learn_noise: learn ``tau^2`` by gradient (homoscedastic regression).
+        name: the method's name (the registry's, or your own).
 
-    name: ClassVar[str] = ""
-    #: propagation used for training and, by default, for prediction
-    train_propagation: ClassVar[str] = "moments"
-    #: the network has Gaussian weights
-    bayes: ClassVar[bool] = True
-    default_dropout: ClassVar[float] = 0.0
-    default_prior: ClassVar[str] = "fixed"
-    #: loss form of the likelihood (``bp``/``bp-ng`` take it as an option)
-    objective: str = "predictive"
+    The Gaussian layers get the prior ``traits.prior_for(task)`` (:func:`dualflow.nn.set_prior`;
+    a module passed in is changed in place; the layers' hyperprior weight
+    ``prior_pseudo_count`` is kept).
+    """
 
     def __init__(
         self,
-        build: Builder | Callable[..., torch.nn.Module],
+        traits: Traits,
+        model: Callable[..., torch.nn.Module] | torch.nn.Module,
         task: str = "regression",
         *,
         samples: int = 32,
-        ensemble_size: int = 5,
         noise_var: float = 1.0,
         learn_noise: bool = True,
-        dropout: float | None = None,
-        prior: str | None = None,
-        noise: str = "homoscedastic",
+        name: str = "custom",
     ) -> None:
         super().__init__()
-        if prior is None:  # the method's default; empirical Bayes only where it was measured to help
-            prior = self.default_prior if task == "regression" else "fixed"
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
-        if noise not in NOISES:
-            raise ValueError(f"noise must be one of {list(NOISES)}, got {noise!r}")
-        if noise == "empirical" and self.objective != "elbo":
-            raise ValueError("noise='empirical' (closed-form ELBO noise) needs objective='elbo'")
-        self.prior = prior
-        self.noise = noise
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        if ensemble_size < 1:
-            raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
-        if not callable(build):
-            raise TypeError("build must be a callable build(bayes, dropout=0.0) -> module")
-        self.task = task
-        self.samples = int(samples)
-        self.ensemble_size = int(ensemble_size)
-        self.dropout = self.default_dropout if dropout is None else float(dropout)
-        self._build = build
-        self._noise_args = (float(noise_var), bool(learn_noise))
-        self._make()
+        if task != "regression" and traits.noise != "homoscedastic":
+            raise ValueError(f"noise={traits.noise!r} applies to regression, not {task}")
+        if task != "regression" and traits.ggn:
+            raise ValueError("curvature='ggn' is the Gauss-Newton curvature of a regression likelihood")
+        self.traits, self.task, self.samples, self.name = traits, task, int(samples), name
+        #: the layer prior in effect (``traits.prior`` resolved for the task)
+        self.prior = traits.prior_for(task)
+        if isinstance(model, torch.nn.Module):
+            _check_model(model, traits, name)
+            nets = [model] + [_reinitialise(copy.deepcopy(model)) for _ in range(traits.members - 1)]
+        elif callable(model):
+            nets = [model(traits.gaussian, traits.dropout) for _ in range(traits.members)]
+        else:
+            raise TypeError(
+                "model must be a torch.nn.Module or a builder build(bayes, dropout=0.0) -> module"
+            )
+        if traits.gaussian:
+            for net in nets:
+                set_prior(net, self.prior)
+                if traits.sampling:
+                    set_propagation(net, traits.propagation)
+        self.members = torch.nn.ModuleList(nets)
+        self.likelihoods: torch.nn.ModuleList | None = None
+        if task == "regression":
+            self.likelihoods = torch.nn.ModuleList(_likelihood(traits, noise_var, learn_noise) for _ in nets)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    # ------------------------------------------------------------------ construction
-    def _likelihood(self, objective: str = "predictive") -> torch.nn.Module | None:
-        if self.task != "regression":
-            return None
-        nv, learn = self._noise_args
-        if self.noise == "heteroscedastic":
-            return losses.HeteroscedasticLikelihood(noise_var=nv, objective=objective)
-        return losses.GaussianLikelihood(
-            noise_var=nv, learn=learn, objective=objective, empirical=self.noise == "empirical"
-        )
+    # ------------------------------------------------------------------ views
+    @property
+    def net(self) -> torch.nn.Module:
+        """The first (or only) network."""
+        return self.members[0]
 
-    def _new_net(self, bayes: bool) -> torch.nn.Module:
-        net = self._build(bayes, self.dropout)
-        if bayes:
-            set_prior(net, self.prior)
-        return net
-
-    def _make(self) -> None:
-        self.net = self._new_net(self.bayes)
-        if self.bayes and self.train_propagation != "moments":
-            set_propagation(self.net, self.train_propagation)
-        self.likelihood = self._likelihood()
+    @property
+    def likelihood(self) -> torch.nn.Module | None:
+        """The first network's likelihood (regression: :class:`~dualflow.losses.GaussianLikelihood`
+        or :class:`~dualflow.losses.HeteroscedasticLikelihood`), ``None`` for classification."""
+        return None if self.likelihoods is None else self.likelihoods[0]
 
     @property
     def noise_var(self) -> Tensor | None:
-        """Observation noise variance ``tau^2`` (regression), ``None`` for classification."""
-        return None if self.likelihood is None else self.likelihood.noise_var.detach()
+        """Observation noise variance ``tau^2`` (the members' mean), ``None`` for classification."""
+        if self.likelihoods is None:
+            return None
+        if len(self.likelihoods) == 1:
+            return self.likelihoods[0].noise_var.detach()
+        return torch.stack([lik.noise_var.detach() for lik in self.likelihoods]).mean()
+
+    @property
+    def is_fitted(self) -> bool:
+        """``True`` after a finished :meth:`fit` (kept in the ``fitted`` buffer, so a
+        ``state_dict`` of a fitted method carries it)."""
+        return bool(self.fitted)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, task={self.task!r}, traits=({self.traits.summary()})"
 
     # ------------------------------------------------------------------ training
-    def _nll(self, out: Any, y: Tensor, likelihood: torch.nn.Module | None = None) -> Tensor:
-        """Data term of one forward pass's output."""
-        if self.task == "regression":
-            return (likelihood or self.likelihood)(out, y)
+    def training_outputs(self, x: Any) -> list[list[Any]]:
+        """The training forward passes of one mini-batch: ``outputs[k][s]`` is pass ``s``
+        (of ``traits.train_samples``) of member ``k``, under the training propagation.
+
+        With the Gauss-Newton curvature (``traits.ggn``) the natural-gradient optimizer of the
+        running :meth:`fit` is handed the likelihoods' curvature surrogate of these outputs
+        (:meth:`dualflow.optim.NaturalGradient.set_curvature`) before the loss is
+        differentiated."""
+        s = self.traits.train_samples
+        outputs = [[net(x) for _ in range(s)] for net in self.members]
+        ref = self.__dict__.get("_curvature_opt")
+        opt = ref() if ref is not None else None
+        if opt is not None and self.likelihoods is not None and torch.is_grad_enabled():
+            # each member's weights reach only its own surrogate: one sum serves them all
+            surrogate = sum(self.likelihoods[k].ggn_surrogate(p[0]) for k, p in enumerate(outputs))
+            opt.set_curvature(surrogate)  # type: ignore[arg-type]
+        return outputs
+
+    def loss(self, outputs: Any, targets: Tensor) -> Tensor:
+        """The data term ``mean_batch J`` (no KL): the sum over members of the mean over each
+        member's passes of ``J`` (regression: the member's Gaussian NLL, ``traits.objective``;
+        classification: :func:`~dualflow.losses.categorical_nll`).
+
+        Args:
+            outputs: :meth:`training_outputs` of a batch, or one network output (member 0).
+            targets: regression ``(B, D)`` (or ``(B,)`` for ``D = 1``); labels ``(B,)``.
+        """
+        if not isinstance(outputs, list):
+            outputs = [[outputs]]
+        total: Tensor | None = None
+        for k, passes in enumerate(outputs):
+            j = self._nll(k, passes[0], targets)
+            for out in passes[1:]:
+                j = j + self._nll(k, out, targets)
+            if len(passes) > 1:
+                j = j / len(passes)
+            total = j if total is None else total + j
+        assert total is not None, "no outputs"
+        return total
+
+    def _nll(self, k: int, out: Any, y: Tensor) -> Tensor:
+        if self.likelihoods is not None:
+            return self.likelihoods[k](out, y)
         return losses.categorical_nll(out, y)
 
-    def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """The data term ``mean_batch J`` of one mini-batch (without the KL)."""
-        return self._nll(self.net(x), y)
+    def kl(self) -> Tensor:
+        """``KL(q || p)`` of all members' Gaussian weights (0 for point methods)."""
+        return model_kl(self)
 
-    def _step(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss(x, y)
+    def objective(self, kl_weight: float) -> Objective:
+        """The step's objective ``loss(training_outputs(x), y) + kl_weight KL`` as the module
+        the loop trains (:class:`dualflow.train.Objective`)."""
+        return Objective(self, self.loss, kl_weight, forward=self.training_outputs)
 
     def configure_optimizer(
-        self, params: list[torch.nn.Parameter], data_size: int, config: TrainConfig
+        self, params: list[Any], data_size: int, config: TrainConfig
     ) -> torch.optim.Optimizer:
-        """The optimizer :meth:`fit` uses: the one :func:`dualflow.train.fit` builds from
-        ``config`` (Adam, AdamW or SGD with ``config.lr``, ``weight_decay``, ...) by default;
-        :class:`~dualflow.optim.NaturalGradient` for the natural-gradient methods."""
-        return make_optimizer(params, config)
+        """The optimizer of :meth:`fit`: ``traits.optimizer(params, self, data_size, config)``
+        (with ``traits.ggn``, :meth:`training_outputs` hands it the Gauss-Newton curvature)."""
+        opt = self.traits.optimizer(params, self, data_size, config)
+        if self.traits.ggn:
+            self.__dict__["_curvature_opt"] = weakref.ref(opt)  # not a submodule, not in state_dict
+        return opt
 
     def fit(
         self,
-        train_data: tuple[Tensor, Tensor] | torch.utils.data.Dataset,
+        train_data: Any,
         config: TrainConfig | None = None,
         eval_fn: Callable[[Method], dict[str, float]] | None = None,
+        *,
+        data_size: int | None = None,
         **fit_kwargs: Any,
     ) -> History:
-        """Train on ``train_data`` with :func:`dualflow.train.fit`.
+        """Train with :func:`dualflow.train.fit` (the one loop).
 
         Args:
-            train_data: ``(inputs, targets)`` or a ``Dataset``; regression targets ``(B, D)``
-                (or ``(B,)`` for ``D = 1``), classification targets integer labels ``(B,)``.
-            config: :class:`~dualflow.train.TrainConfig` (optimizer, epochs, batch size, seed, ...).
-                Methods with their own optimizer (``bp-ng``, ``reparam-ng-ensemble``) use
-                ``config.lr`` for their point parameters only.
+            train_data: ``(inputs, targets)``, a ``Dataset`` or a loader; regression targets
+                ``(B, D)`` (or ``(B,)``), classification integer labels ``(B,)``.
+            config: :class:`~dualflow.train.TrainConfig` (epochs, batch size, lr, seed, ...).
+                Natural-gradient methods use ``config.lr`` for their point parameters only.
             eval_fn: called with this method at every epoch end (eval mode, no grad).
-            fit_kwargs: further keyword arguments of :func:`dualflow.train.fit`
-                (``scheduler``, ``device``).
+            data_size: ``N`` given to the optimizer factory (natural gradient's data size;
+                default: the number of training examples).
+            fit_kwargs: further keyword arguments of :func:`dualflow.train.fit` (``transform``,
+                ``metrics``, ``callbacks``, ``parallel``, ``meta``, ``scheduler``, ``device``,
+                ``optimizer`` to replace the traits' factory).
 
         Returns:
-            :class:`~dualflow.train.History`.
+            :class:`~dualflow.train.History`. :attr:`is_fitted` is ``True`` after a run that
+            was not stopped early. The global RNG states are as before the call.
         """
         cfg = config or TrainConfig()
-        n = _data_size(train_data)
-
-        def make(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-            return self.configure_optimizer(params, n, cfg)
-
-        return train_fit(
-            self, _no_loss, train_data, cfg, optimizer=make, step_fn=self._step, eval_fn=eval_fn, **fit_kwargs
-        )
-
-    def forward(self, x: Tensor) -> Any:
-        """Alias of :meth:`predict`."""
-        return self.predict(x)
+        n = data_size if data_size is not None else _data_size(train_data)
+        if "optimizer" not in fit_kwargs:
+            fit_kwargs["optimizer"] = lambda params: self.configure_optimizer(params, n, cfg)
+        self.__dict__.pop("_curvature_opt", None)  # set again by configure_optimizer
+        try:
+            hist = train_fit(
+                self, self.loss, train_data, cfg, forward=self.training_outputs, eval_fn=eval_fn, **fit_kwargs
+            )
+        finally:
+            self.__dict__.pop("_curvature_opt", None)
+        if not hist.stopped:
+            self.fitted.fill_(True)
+        return hist
 
     # ------------------------------------------------------------------ prediction
-    def _passes(self, x: Tensor, samples: int, mode: str | None) -> list[tuple[Any, Tensor | None]]:
-        """Forward passes ``[(output, noise_var), ...]`` whose mixture is the predictive."""
-        mode = mode or self.train_propagation
-        nv = self.noise_var
-        if mode == "moments" or not self.bayes:  # point networks: one deterministic pass
-            return [(self.net(x), nv)]
-        with propagation(self.net, mode):
-            return [(self.net(x), nv) for _ in range(samples)]
+    def forward(self, x: Any) -> Gaussian | Tensor:
+        """Alias of :meth:`predictive`."""
+        return self.predictive(x)
 
-    def _mix(self, passes: list[tuple[Any, Tensor | None]]) -> Gaussian | Tensor:
+    def _passes(self, x: Any, samples: int, mode: str) -> list[tuple[Any, int]]:
+        """``[(output, member index), ...]`` whose mixture is the predictive."""
+        t = self.traits
+        random = (t.gaussian and mode != "moments") or t.mc_dropout
+        s = samples if random else 1
+        out = []
+        for k, net in enumerate(self.members):
+            with ExitStack() as stack:
+                if t.gaussian:
+                    stack.enter_context(propagation(net, mode))
+                if t.mc_dropout:
+                    stack.enter_context(mc_dropout(net))
+                out += [(net(x), k) for _ in range(s)]
+        return out
+
+    def predictive(
+        self, x: Any, *, samples: int | None = None, propagation: str | None = None, noise: bool = True
+    ) -> Gaussian | Tensor:
+        """The predictive distribution of ``y`` given inputs ``x``, differentiable with respect
+        to ``x`` and the parameters, in whatever train/eval mode the module is.
+
+        Args:
+            x: inputs ``(B, ...)``.
+            samples: ``S`` passes of a sampled predictive (default ``self.samples``).
+            propagation: evaluate the Gaussian layers under this mode (one of
+                :data:`~dualflow.nn.base.PROPAGATIONS`) instead of ``traits.propagation``:
+                ``"moments"`` is one deterministic pass, a sampling mode ``S`` passes. Point
+                networks ignore it.
+            noise: regression: include the observation noise ``tau^2`` in the variance
+                (the predictive of ``y``; ``False``: of the network output ``f(x)`` only).
+
+        Returns:
+            regression: :class:`~dualflow.Gaussian`, mean/variance ``(B, D)``;
+            classification: probabilities ``(B, C)``.
+        """
+        mode = propagation or self.traits.propagation
+        if mode not in PROPAGATIONS:
+            raise ValueError(f"unknown propagation {mode!r}; known: {list(PROPAGATIONS)}")
+        s = self.samples if samples is None else int(samples)
+        if s < 1:
+            raise ValueError(f"samples must be >= 1, got {s}")
+        if not noise and self.task != "regression":
+            raise ValueError("noise=False applies to regression (class probabilities have no noise term)")
+        passes = self._passes(x, s, mode)
         if self.task == "classification":
-            return torch.stack([losses.predictive_probs(out) for out, _ in passes]).mean(0)
-        if self.noise == "heteroscedastic":  # per-input noise: v_f + E[tau^2(x)]
-            het = losses.HeteroscedasticLikelihood(noise_var=self._noise_args[0])
-            gs = [het.predictive(out) for out, _ in passes]
-            passes = [(out, 0.0) for out, _ in passes]
+            probs = [losses.predictive_probs(out) for out, _ in passes]
+            return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+        assert self.likelihoods is not None
+        if self.traits.noise == "heteroscedastic":  # per-input noise: E[tau^2(x)] of each pass
+            parts = [
+                losses.heteroscedastic_moments(
+                    out, self.likelihoods[k].offset, self.likelihoods[k].min_noise_var
+                )
+                for out, k in passes
+            ]
+            gs = [f for f, _, _ in parts]
+            nvs: list[Any] = [e_tau2 if noise else 0.0 for _, e_tau2, _ in parts]
         else:
             gs = [as_gaussian(out) for out, _ in passes]
+            nvs = [self.likelihoods[k].noise_var if noise else 0.0 for _, k in passes]
+        if len(gs) == 1:
+            return Gaussian(gs[0].mean, gs[0].var + nvs[0])
         means = torch.stack([g.mean for g in gs])
-        inner = torch.stack([g.var + nv for g, (_, nv) in zip(gs, passes)])
         mean = means.mean(0)
-        var = inner.mean(0) + ((means - mean) ** 2).mean(0)
-        return Gaussian(mean, var)
+        inner = torch.stack([g.var + nv for g, nv in zip(gs, nvs)]).mean(0)
+        return Gaussian(mean, inner + ((means - mean) ** 2).mean(0))
 
     @torch.no_grad()
     def predict(
@@ -252,32 +372,22 @@ class Method(torch.nn.Module):
         samples: int | None = None,
         propagation: str | None = None,
         batch_size: int = 1024,
+        noise: bool = True,
     ) -> Gaussian | Tensor:
-        """Predictive distribution of ``y`` for inputs ``x`` (eval mode, no grad).
+        """:meth:`predictive` in eval mode, without gradients, in batches of ``batch_size``.
 
-        Args:
-            x: inputs ``(B, ...)``.
-            samples: ``S`` forward passes for sampled predictives (default: ``self.samples``).
-            propagation: evaluate the Bayesian layers under this mode instead of the method's
-                own (one of :data:`~dualflow.nn.base.PROPAGATIONS`): ``"moments"`` is one
-                deterministic pass, a sampling mode ``S`` passes. Ignored by point methods.
-            batch_size: inputs per forward pass.
-
-        Returns:
-            regression: :class:`~dualflow.Gaussian` with mean/variance ``(B, D)`` of ``y``
-            (variance including the noise ``tau^2``); classification: probabilities ``(B, C)``.
+        Regression: the variance *includes* the observation noise ``tau^2`` (``noise=False``:
+        the network output's variance alone, what :func:`dualflow.train.predict` of ``.net``
+        returns). See :meth:`predictive` for the other arguments.
         """
-        if propagation is not None and propagation not in PROPAGATIONS:
-            raise ValueError(f"unknown propagation {propagation!r}; known: {list(PROPAGATIONS)}")
-        s = self.samples if samples is None else int(samples)
-        if s < 1:
-            raise ValueError(f"samples must be >= 1, got {s}")
         was = self.training
         self.eval()
         dev = next(self.parameters()).device
         try:
             outs = [
-                self._mix(self._passes(x[i : i + batch_size].to(dev), s, propagation))
+                self.predictive(
+                    x[i : i + batch_size].to(dev), samples=samples, propagation=propagation, noise=noise
+                )
                 for i in range(0, x.shape[0], batch_size)
             ]
         finally:
@@ -300,264 +410,20 @@ class Method(torch.nn.Module):
         return {"nll": float(-ll.mean()), "rmse": float(((p.mean - t) ** 2).mean().sqrt())}
 
 
-# ====================================================================== the methods
+def _likelihood(traits: Traits, noise_var: float, learn_noise: bool) -> torch.nn.Module:
+    """One member's regression likelihood for ``traits.noise`` and ``traits.objective``."""
+    if traits.noise == "heteroscedastic":
+        return losses.HeteroscedasticLikelihood(noise_var=noise_var, objective=traits.objective)  # type: ignore[arg-type]
+    return losses.GaussianLikelihood(
+        noise_var=noise_var,
+        learn=learn_noise,
+        objective=traits.objective,  # type: ignore[arg-type]
+        empirical=traits.noise == "empirical",
+    )
 
 
-class BPMethod(Method):
-    """``bp``: deterministic belief propagation (the paper's Algorithm 1).
-
-    One forward pass propagates every activation's mean and variance through the
-    mean-field Gaussian network (MATH.md section 1); the loss is the marginal NLL of the
-    output moments (MATH.md section 2: :func:`~dualflow.losses.gaussian_nll` with
-    ``objective="predictive"`` by default, or ``"elbo"``; :func:`~dualflow.losses.categorical_nll`
-    with the probit approximation for classification) plus ``KL/N``; gradients by autodiff
-    (backprop = smoothing, Theorems 1-2). Adam (``TrainConfig.optimizer``) by default.
-
-    Options: ``objective="predictive"|"elbo"`` (regression); ``prior`` (regression default
-    ``"empirical"``: each weight tensor's prior variance is fitted to the ELBO in closed form,
-    :func:`dualflow.nn.empirical_prior_var`; classification default ``"fixed"``); ``noise``.
-    """
-
-    name = "bp"
-    default_prior = "empirical"
-
-    def __init__(self, build: Any, task: str = "regression", *, objective: str = "predictive", **kw: Any):
-        if objective not in ("predictive", "elbo"):
-            raise ValueError(f"objective must be 'predictive' or 'elbo', got {objective!r}")
-        self.objective = objective
-        super().__init__(build, task, **kw)
-
-    def _make(self) -> None:
-        self.net = self._new_net(True)
-        self.likelihood = self._likelihood(self.objective)
-
-
-class BPNGMethod(BPMethod):
-    """``bp-ng``: BP with the natural-gradient optimizer (the paper's "BP/NF + NG").
-
-    Same model and loss as ``bp``; the Gaussian weights are updated by
-    :class:`dualflow.optim.NaturalGradient` (MATH.md section 3, Appendix D), point parameters
-    (the noise variance, normalisation weights) by Adam with ``TrainConfig.lr``.
-
-    Options: ``objective``; ``ng_lr`` (default 0.1), ``ng_betas`` (default ``(0.9, 0.1)``),
-    ``positivity`` (``"split"``), passed to :class:`~dualflow.optim.NaturalGradient`.
-    """
-
-    name = "bp-ng"
-
-    def __init__(
-        self,
-        build: Any,
-        task: str = "regression",
-        *,
-        ng_lr: float = 0.1,
-        ng_betas: tuple[float, float] = (0.9, 0.1),
-        positivity: str = "split",
-        max_step_sd: float | None = None,
-        precision_debias: bool = False,
-        curvature: str = "gradient",
-        **kw: Any,
-    ):
-        if curvature not in ("gradient", "ggn"):
-            raise ValueError(f"curvature must be 'gradient' or 'ggn', got {curvature!r}")
-        self.ng = {
-            "lr": float(ng_lr),
-            "betas": tuple(ng_betas),
-            "positivity": positivity,
-            "max_step_sd": max_step_sd,
-            "precision_debias": bool(precision_debias),
-        }
-        self.curvature = curvature
-        super().__init__(build, task, **kw)
-
-    def _step(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        out = self.net(x)
-        opt = self.__dict__.get("_ng_opt")
-        opt = opt() if opt is not None else None
-        if (
-            self.curvature == "ggn"
-            and self.task == "regression"
-            and opt is not None
-            and torch.is_grad_enabled()
-        ):
-            opt.set_curvature(self.likelihood.ggn_surrogate(out))  # Gauss-Newton curvature, >= 0
-        return self._nll(out, y)
-
-    def configure_optimizer(
-        self, params: list[torch.nn.Parameter], data_size: int, config: TrainConfig
-    ) -> torch.optim.Optimizer:
-        opt = NaturalGradient(
-            params,
-            data_size,
-            model=self,
-            kl_weight=config.kl_weight,
-            point_lr=config.lr,
-            weight_decay=config.weight_decay,
-            **self.ng,
-        )
-        self.__dict__["_ng_opt"] = weakref.ref(opt)  # _step hands it the GGN curvature
-        return opt
-
-
-class VanillaMethod(Method):
-    """``vanilla``: a point network (maximum likelihood, plus optional weight decay).
-
-    The same architecture with point weights (``build(bayes=False)``); loss: Gaussian NLL
-    with a learned homoscedastic noise variance, or cross-entropy; weight decay from
-    ``TrainConfig.weight_decay``. Predictive: ``N(f(x), tau^2)`` or ``softmax f(x)``.
-    """
-
-    name = "vanilla"
-    bayes = False
-
-
-class MCDropoutMethod(VanillaMethod):
-    """``mc-dropout``: Monte Carlo dropout (Gal & Ghahramani, ICML 2016).
-
-    A point network built with dropout (``build(bayes=False, dropout=p)``, default
-    ``p = 0.1``) trained like ``vanilla`` (use ``TrainConfig.weight_decay`` for the prior);
-    the predictive averages ``S`` forward passes with dropout kept active.
-    """
-
-    name = "mc-dropout"
-    default_dropout = 0.1
-
-    def _passes(self, x: Tensor, samples: int, mode: str | None) -> list[tuple[Any, Tensor | None]]:
-        with mc_dropout(self.net):
-            return [(self.net(x), self.noise_var) for _ in range(samples)]
-
-
-class SamplingMethod(Method):
-    """Variational inference with sampled weights (Bayes-by-backprop family).
-
-    The loss is the ELBO: the expected NLL under ``q``, estimated from ``train_samples``
-    forward passes with sampled weights (one by default), plus the closed-form ``KL/N``
-    (MATH.md section 2; Blundell et al. used a sampled KL, the closed form has less
-    variance). The predictive averages ``S`` sampled passes.
-
-    Options: ``train_samples`` (forward passes per mini-batch).
-    """
-
-    def __init__(self, build: Any, task: str = "regression", *, train_samples: int = 1, **kw: Any):
-        if train_samples < 1:
-            raise ValueError(f"train_samples must be >= 1, got {train_samples}")
-        self.train_samples = int(train_samples)
-        super().__init__(build, task, **kw)
-
-    def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        total = self._nll(self.net(x), y)
-        for _ in range(self.train_samples - 1):
-            total = total + self._nll(self.net(x), y)
-        return total / self.train_samples
-
-
-class ReparamMethod(SamplingMethod):
-    """``reparam``: Bayes-by-backprop (Blundell et al., ICML 2015).
-
-    One weight sample ``W = mu + softplus(rho) eps`` per forward pass, shared by the
-    mini-batch (propagation ``"reparam"``).
-    """
-
-    name = "reparam"
-    train_propagation = "reparam"
-
-
-class LocalReparamMethod(SamplingMethod):
-    """``local-reparam``: the local reparameterisation trick (Kingma, Salimans & Welling, NeurIPS 2015).
-
-    Pre-activations are sampled from their exact Gaussian given the layer input,
-    independently per example and unit (propagation ``"local"``): lower-variance gradients
-    at the cost of two matmuls per layer.
-    """
-
-    name = "local-reparam"
-    train_propagation = "local"
-
-
-class FlipoutMethod(SamplingMethod):
-    """``flipout``: pseudo-independent weight perturbations (Wen et al., ICLR 2018).
-
-    One shared perturbation ``delta = softplus(rho) eps`` decorrelated per example by random
-    sign vectors, ``W_n = mu + delta * s_out,n s_in,n^T`` (propagation ``"flipout"``).
-    """
-
-    name = "flipout"
-    train_propagation = "flipout"
-
-
-class ReparamNGEnsembleMethod(ReparamMethod):
-    """``reparam-ng-ensemble``: Bayes-by-backprop with several networks per mini-batch and the
-    natural-gradient optimizer (the paper's "reparam./NF+NG+ensemble", Table 1).
-
-    Each mini-batch runs ``train_samples`` (default 4) forward passes, each with its own
-    weight sample (one "network" of the ensemble ``q`` describes), and averages their NLL;
-    the Gaussian weights are updated by :class:`dualflow.optim.NaturalGradient`, whose
-    curvature then comes from the sampled (reparameterisation) estimate of ``g_{sigma^2}``
-    (IVON-like, Shen et al. 2024). The predictive averages ``S`` sampled networks.
-
-    Options: ``train_samples``, ``ng_lr`` (0.1), ``ng_betas`` ((0.9, 0.1)), ``positivity``.
-    """
-
-    name = "reparam-ng-ensemble"
-
-    def __init__(
-        self,
-        build: Any,
-        task: str = "regression",
-        *,
-        train_samples: int = 4,
-        ng_lr: float = 0.1,
-        ng_betas: tuple[float, float] = (0.9, 0.1),
-        positivity: str = "split",
-        **kw: Any,
-    ):
-        self.ng = {"lr": float(ng_lr), "betas": tuple(ng_betas), "positivity": positivity}
-        super().__init__(build, task, train_samples=train_samples, **kw)
-
-    configure_optimizer = BPNGMethod.configure_optimizer
-
-
-class EnsembleMethod(Method):
-    """``ensemble``: deep ensembles (Lakshminarayanan, Pritzel & Blundell, NeurIPS 2017).
-
-    ``ensemble_size`` point networks (``build(bayes=False)``) from independent random
-    initialisations, each with its own learned noise variance (regression), trained with
-    the point loss on the same mini-batches (one loop; the mini-batch loss is the *sum* of
-    the members' losses, so each member gets exactly its own gradient). The predictive is
-    the members' mixture, moment-matched to a Gaussian for regression. Not included: the
-    paper's adversarial training and heteroscedastic (two-output) heads.
-    """
-
-    name = "ensemble"
-    bayes = False
-
-    def _make(self) -> None:
-        self.members = torch.nn.ModuleList([self._new_net(False) for _ in range(self.ensemble_size)])
-        liks = [self._likelihood() for _ in range(self.ensemble_size)]
-        self.likelihoods = torch.nn.ModuleList(liks) if self.task == "regression" else None
-        self.likelihood = None
-
-    @property
-    def net(self) -> torch.nn.Module:  # type: ignore[override]
-        return self.members[0]
-
-    @property
-    def noise_var(self) -> Tensor | None:
-        """Mean of the members' noise variances (regression)."""
-        if self.likelihoods is None:
-            return None
-        return torch.stack([lik.noise_var.detach() for lik in self.likelihoods]).mean()
-
-    def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        total = x.new_zeros(())
-        for k, member in enumerate(self.members):
-            lik = None if self.likelihoods is None else self.likelihoods[k]
-            total = total + self._nll(member(x), y, lik)
-        return total
-
-    def _passes(self, x: Tensor, samples: int, mode: str | None) -> list[tuple[Any, Tensor | None]]:
-        out = []
-        for k, member in enumerate(self.members):
-            nv = None if self.likelihoods is None else self.likelihoods[k].noise_var.detach()
-            out.append((member(x), nv))
-        return out
+def _data_size(data: Any) -> int:
+    n = _examples(data)
+    if n is None:
+        raise ValueError("Method.fit: this loader does not say how many examples it has: pass data_size=")
+    return n

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.nn.modules.dropout import _DropoutNd
 
 from dualflow.nn.base import PROPAGATIONS, BayesLayer
 from dualflow.nn.dropout import Dropout
@@ -62,13 +63,19 @@ def propagation(model: torch.nn.Module, mode: str) -> Iterator[torch.nn.Module]:
 
 @contextmanager
 def mc_dropout(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
-    """Context manager keeping every :class:`~dualflow.nn.Dropout` active in eval mode
-    (Monte Carlo dropout) and restoring the previous setting on exit."""
+    """Context manager keeping every :class:`~dualflow.nn.Dropout` (its ``mc`` flag) and every
+    ``torch.nn`` dropout module (its training flag) active in eval mode (Monte Carlo dropout),
+    restoring the previous settings on exit."""
     saved = [(mod, mod.mc) for mod in model.modules() if isinstance(mod, Dropout)]
+    plain = [(mod, mod.training) for mod in model.modules() if isinstance(mod, _DropoutNd)]
     try:
         for mod, _ in saved:
             mod.mc = enabled
+        for mod, was in plain:
+            mod.training = enabled or was
         yield model
     finally:
         for mod, m in saved:
             mod.mc = m
+        for mod, was in plain:
+            mod.training = was

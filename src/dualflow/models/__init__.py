@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dualflow.models.base import ImageClassifier
 from dualflow.models.blocks import ACT_GAINS, LayerFactory, Scale
@@ -37,6 +36,7 @@ from dualflow.models.mixer import build_mixer
 from dualflow.models.mlp import build_mlp, build_vgg
 from dualflow.models.resnet import build_resnet, build_wrn
 from dualflow.nn.base import BayesLayer
+from dualflow.nn.sampling import sampled_parameters
 
 __all__ = [
     "ACT_GAINS",
@@ -248,18 +248,20 @@ def point_state_dict(
     model: torch.nn.Module, sample: bool = False, generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
     """The state dict of the point network (``bayes=False``) of the same architecture: the
-    weight means (``sample=False``) or one draw ``mu + sigma eps`` from q (``sample=True``);
-    every other entry (biases of point layers, BatchNorm, SkipInit gains) as it is."""
-    sd = model.state_dict()
-    out: dict[str, torch.Tensor] = {k: v for k, v in sd.items() if not k.endswith("_rho")}
+    weight means (``sample=False``) or one draw ``mu + sigma eps`` from q (``sample=True``,
+    :func:`dualflow.nn.sampling.sampled_parameters`); every other entry (biases of point
+    layers, BatchNorm, SkipInit gains) as it is. The variance parameters are dropped."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    rho = {
+        names[id(r)]
+        for mod in model.modules()
+        if isinstance(mod, BayesLayer) and mod.bayes
+        for _, r in mod.variational_pairs()
+    }
+    out = {k: v for k, v in model.state_dict().items() if k not in rho}
     if sample:
-        for prefix, mod in model.named_modules():
-            if isinstance(mod, BayesLayer) and mod.bayes:
-                pre = f"{prefix}." if prefix else ""
-                for mu, rho in mod.variational_pairs():
-                    key = pre + next(n for n, p in mod.named_parameters(recurse=False) if p is mu)
-                    eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
-                    out[key] = (mu + F.softplus(rho) * eps).detach()
+        with torch.no_grad():
+            out.update(sampled_parameters(model, generator))
     return out
 
 

@@ -1,6 +1,6 @@
 """Moment-propagating modules: each ``forward`` maps a :class:`dualflow.Gaussian` to a Gaussian.
 
-Every row of MATH.md section 1. Layers with weights hold mean-field Gaussian weights
+Every rule of docs/maths.md section 1. Layers with weights hold mean-field Gaussian weights
 (``bayes=True``, default) or point weights; :func:`kl` sums KL(q || p) over a model.
 """
 
@@ -31,6 +31,7 @@ from dualflow.nn.dropout import Dropout
 from dualflow.nn.layers import Conv1d, Conv2d, Linear
 from dualflow.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from dualflow.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
+from dualflow.nn.sampling import PROPAGATION_RULES, sample_weights, sampled_parameters, weight_noise
 from dualflow.nn.structure import (
     Add,
     AddNoise,
@@ -50,6 +51,7 @@ __all__ = [
     "EMPIRICAL_PSEUDO_COUNT",
     "GELU",
     "PRIORS",
+    "PROPAGATION_RULES",
     "Activation",
     "Add",
     "AddNoise",
@@ -81,6 +83,9 @@ __all__ = [
     "from_torch",
     "kl",
     "kl_normal",
+    "sample_weights",
+    "sampled_parameters",
     "set_checks",
     "set_prior",
+    "weight_noise",
 ]

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dualflow.gaussian import Gaussian, check_gaussian
+from dualflow.nn.sampling import PROPAGATION_RULES
 
 __all__ = [
     "PRIORS",
     "PROPAGATIONS",
     "BayesLayer",
     "Module",
+    "check_dtype",
     "empirical_prior_var",
     "kl",
     "kl_normal",
@@ -48,8 +50,10 @@ class Module(torch.nn.Module):
     randomness, a plain tensor comes out, so point networks cost no more than ``torch.nn``.
 
     ``check_inputs`` (default ``True``) makes parametrised layers and containers validate
-    their inputs (shapes, NaN/inf, negative variances) with a clear ``ValueError``; it costs
-    one device synchronisation per check. Turn it off with :func:`set_checks`.
+    their inputs (dtype, see :func:`check_dtype`; shapes, NaN/inf, negative variances) with a
+    clear ``ValueError``; it costs one device synchronisation per check. Turn it off with
+    :func:`set_checks` (a model then validates nothing unless it checks at its own boundary,
+    as :class:`dualflow.models.ImageClassifier` does).
     """
 
     check_inputs: bool = True
@@ -57,6 +61,27 @@ class Module(torch.nn.Module):
     def kl(self) -> Tensor:
         """KL(q || p) summed over every mean-field Gaussian parameter in this module tree."""
         return kl(self)
+
+
+def check_dtype(x: Tensor, expected: torch.dtype | None, name: str) -> None:
+    """The dtype policy of every module: inputs are never cast, a mismatch is a ``ValueError``.
+
+    ``x`` must be floating point (an integer or boolean tensor is data that still needs
+    converting, e.g. uint8 images, which a silent cast would feed in unnormalised) and, unless
+    autocast is on for its device, of the parameters' dtype ``expected`` (a float64 input to a
+    float32 model would otherwise be rounded silently, or fail deep inside torch). No device
+    synchronisation. ``expected=None`` (no parameters) checks only the first rule.
+    """
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point input, got {x.dtype}; convert it first "
+            "(x.float(); uint8 images: scale them, e.g. ImageData.normalize)"
+        )
+    if expected is not None and x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"{name}: input dtype {x.dtype} differs from the parameters' dtype {expected}: convert the "
+            f"input (x.to({expected})) or the model (model.to({x.dtype}))"
+        )
 
 
 def set_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
@@ -68,7 +93,7 @@ def set_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 
 def kl_normal(mean: Tensor, var: Tensor, prior_var: float | Tensor) -> Tensor:
-    """``sum KL(N(mean, var) || N(0, prior_var))`` (MATH.md section 2):
+    """``sum KL(N(mean, var) || N(0, prior_var))`` (docs/maths.md section 2.3):
     ``0.5 (var/s0 + mean^2/s0 - 1 - log(var/s0))`` summed over all elements."""
     r = var / prior_var
     return 0.5 * (r + mean * mean / prior_var - 1.0 - torch.log(r)).sum()
@@ -89,7 +114,7 @@ def empirical_prior_var(mean: Tensor, var: Tensor, anchor: float = 0.0, pseudo_c
     """The prior variance ``s0`` of one tensor that maximises the evidence lower bound.
 
     Empirical Bayes (type-II maximum likelihood; deterministic variational inference, Wu et
-    al. 2019; MATH.md section 3). Only ``KL(q || p)`` depends on the prior; for ``n`` weights
+    al. 2019; docs/maths.md section 3.2). Only ``KL(q || p)`` depends on the prior; for ``n`` weights
     ``N(mu_i, sigma_i^2)`` sharing the prior ``N(0, s0)``,
     ``d/ds0 sum_i KL_i = sum_i (s0 - mu_i^2 - sigma_i^2) / (2 s0^2) = 0`` gives
     ``s0* = mean_i(mu_i^2 + sigma_i^2)``, the unique minimum (``sum_i KL_i`` is convex in
@@ -158,17 +183,14 @@ def kl(model: torch.nn.Module) -> Tensor:
     return total
 
 
-#: Propagation modes of a :class:`BayesLayer` (attribute ``layer.propagation``).
+#: Propagation modes of a :class:`BayesLayer` (attribute ``layer.propagation``), the keys of
+#: :data:`dualflow.nn.sampling.PROPAGATION_RULES`, where each mode is one small function.
 #: ``"moments"``: Algorithm 1 (deterministic moment propagation, the default);
 #: ``"reparam"``: one weight sample per forward pass, shared by the batch (Blundell et al. 2015);
 #: ``"local"``: pre-activations sampled from their exact Gaussian given the input
 #: (local reparameterisation, Kingma et al. 2015);
 #: ``"flipout"``: one shared perturbation decorrelated per example by random signs (Wen et al. 2018).
-PROPAGATIONS: tuple[str, ...] = ("moments", "reparam", "local", "flipout")
-
-
-def _random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.randint(0, 2, shape, device=like.device).to(like.dtype).mul_(2.0).sub_(1.0)
+PROPAGATIONS: tuple[str, ...] = tuple(PROPAGATION_RULES)
 
 
 def _inv_softplus(x: float) -> float:
@@ -179,7 +201,7 @@ class BayesLayer(Module):
     """Mixin for layers with mean-field Gaussian weights ``W ~ N(mu, sigma^2)``.
 
     Parameterisation: ``weight_mu`` and ``weight_rho`` with ``sigma = softplus(rho)``
-    (MATH.md section 2), likewise for the bias. ``bayes=False`` keeps only the means (a
+    (docs/maths.md section 2.3), likewise for the bias. ``bayes=False`` keeps only the means (a
     point network).
 
     Prior (attribute ``prior``, one of :data:`PRIORS`; :func:`set_prior` sets it on a model):
@@ -214,12 +236,32 @@ class BayesLayer(Module):
     """
 
     bayes: bool
-    #: see :data:`PROPAGATIONS`; a class default, set per instance
-    propagation: str = "moments"
     #: see :data:`PRIORS`; a class default, set per instance (:func:`set_prior`)
     prior: str = "fixed"
     #: hyperprior weight of the empirical prior (:func:`empirical_prior_var`)
     prior_pseudo_count: float = EMPIRICAL_PSEUDO_COUNT
+    _propagation: str = "moments"  # class default; set per instance through ``propagation``
+
+    @property
+    def propagation(self) -> str:
+        """How ``forward`` propagates: one of :data:`PROPAGATIONS` (validated on assignment)."""
+        return self._propagation
+
+    @propagation.setter
+    def propagation(self, mode: str) -> None:
+        if mode not in PROPAGATION_RULES:
+            raise ValueError(
+                f"{type(self).__name__}: unknown propagation {mode!r}; known: {list(PROPAGATIONS)}"
+            )
+        self._propagation = mode
+
+    def _propagate(self, x: Input) -> Input:
+        """``forward`` after input checks: the rule of the current propagation mode."""
+        return PROPAGATION_RULES[self._propagation](self, x)
+
+    def forward_moments(self, x: Input) -> Input:
+        """Algorithm 1: output moments of the layer (defined by each layer)."""
+        raise NotImplementedError
 
     def _setup(
         self,
@@ -352,6 +394,7 @@ class BayesLayer(Module):
         return total
 
     # ------------------------------------------------------------------ sampling propagation
+    # (the rules live in dualflow.nn.sampling; a layer supplies its linear map and noise shapes)
     def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's linear map ``A_W(x) + b`` on a plain tensor (defined by each layer)."""
         raise NotImplementedError
@@ -365,45 +408,11 @@ class BayesLayer(Module):
         """``b`` shaped to broadcast against the layer output."""
         return b
 
-    def _forward_sampling(self, x: Input) -> Tensor:
-        """One random draw of the layer output under ``self.propagation`` (plain tensors)."""
-        mode = self.propagation
-        if mode not in PROPAGATIONS[1:]:
-            raise ValueError(
-                f"{type(self).__name__}: unknown propagation {mode!r}; known: {list(PROPAGATIONS)}"
-            )
-        if isinstance(x, Gaussian):
-            raise TypeError(
-                f"{type(self).__name__} with propagation={mode!r} takes a plain tensor, got a Gaussian; "
-                "set the same propagation on the whole model (dualflow.methods.set_propagation)"
-            )
-        if not self.bayes:
-            return self._map(x, self.weight_mu, self.bias_mu)
-        mu, sigma = self.weight_mu, F.softplus(self.weight_rho)
-        b_mu = self.bias_mu
-        b_sigma = None if self.bias_rho is None else F.softplus(self.bias_rho)
-        if mode == "reparam":
-            w = mu + sigma * torch.randn_like(mu)
-            b = None if b_mu is None else b_mu + b_sigma * torch.randn_like(b_mu)
-            return self._map(x, w, b)
-        if mode == "local":
-            mean = self._map(x, mu, b_mu)
-            var = self._map(x * x, sigma * sigma, None if b_sigma is None else b_sigma * b_sigma)
-            return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
-        # flipout: W_n = mu + delta * (s_out,n s_in,n^T) has the distribution of q for every n
-        mean = self._map(x, mu, None)
-        delta = sigma * torch.randn_like(mu)
-        pert = self._map(x * _random_signs(self._noise_shape(x), x), delta, None)
-        out = mean + pert * _random_signs(self._noise_shape(pert), pert)
-        if b_mu is not None:  # the bias is sampled independently per example (exact marginal)
-            eps = torch.randn(self._noise_shape(out), dtype=out.dtype, device=out.device)
-            out = out + self._bias_view(b_mu) + self._bias_view(b_sigma) * eps
-        return out
-
     def _validate(self, x: Input, expect_dim: int, axis: int, min_ndim: int) -> None:
         m = x.mean if isinstance(x, Gaussian) else x
         if not isinstance(m, Tensor):
             raise TypeError(f"{type(self).__name__}: expected a Tensor or Gaussian, got {type(x).__name__}")
+        check_dtype(m, self.weight_mu.dtype, type(self).__name__)
         if m.dim() < min_ndim or m.shape[axis] != expect_dim:
             raise ValueError(
                 f"{type(self).__name__}: expected input with {expect_dim} features on axis {axis} "

@@ -20,7 +20,7 @@ _DEFAULT_GAIN = math.sqrt(2.0)
 class Linear(BayesLayer):
     """``y = x W^T + b`` with ``W ~ N(mu, sigma^2)`` element-wise (``bayes=True``) or point weights.
 
-    Moments by :func:`dualflow.rules.linear` (MATH.md section 1). Input ``(..., in_features)``,
+    Moments by :func:`dualflow.rules.linear` (docs/maths.md section 1.1). Input ``(..., in_features)``,
     output ``(..., out_features)``. A plain-tensor input skips the input-variance map.
 
     Args:
@@ -65,8 +65,9 @@ class Linear(BayesLayer):
     def forward(self, x: Input) -> Input:
         if self.check_inputs:
             self._validate(x, self.in_features, -1, 1)
-        if self.propagation != "moments":
-            return self._forward_sampling(x)
+        return self._propagate(x)
+
+    def forward_moments(self, x: Input) -> Input:
         m, v = split_input(x)
         w_m, w_v, b_m, b_v = self._moments()
         mean, var = rules.linear(m, v, w_m, w_v, b_m, b_v)
@@ -147,8 +148,9 @@ class _ConvNd(BayesLayer):
     def forward(self, x: Input) -> Input:
         if self.check_inputs:
             self._validate(x, self.in_channels, 1, self._nd + 2)
-        if self.propagation != "moments":
-            return self._forward_sampling(x)
+        return self._propagate(x)
+
+    def forward_moments(self, x: Input) -> Input:
         m, v = split_input(x)
         w_m, w_v, b_m, b_v = self._moments()
         mean, var = rules.conv(

@@ -1,4 +1,4 @@
-"""Normalisation layers as maps of Gaussian moments (MATH.md section 1, notes)."""
+"""Normalisation layers as maps of Gaussian moments (docs/maths.md section 1.5)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class BatchNorm1d(_BatchNorm):
 
 
 class BatchNorm2d(_BatchNorm):
-    """BatchNorm over ``(B, C, H, W)``: exact affine map in eval mode (MATH.md section 1)."""
+    """BatchNorm over ``(B, C, H, W)``: exact affine map in eval mode (docs/maths.md section 1.5)."""
 
     _axes = (0, 2, 3)
     _ndim = 4

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dualflow import rules
 from dualflow.gaussian import Gaussian, add_independent, cat, check_gaussian
-from dualflow.nn.base import Input, Module, pack, split_input
+from dualflow.nn.base import Input, Module, check_dtype, pack, split_input
 
 __all__ = ["Add", "Concat", "Flatten", "Identity", "Product", "Reshape", "Residual", "Sequential"]
 
@@ -17,11 +17,14 @@ __all__ = ["Add", "Concat", "Flatten", "Identity", "Product", "Reshape", "Residu
 class Sequential(Module, torch.nn.Sequential):
     """Moment-propagating ``Sequential``: each child maps ``Gaussian -> Gaussian``.
 
-    With ``check_inputs`` the input is validated once (NaN/inf, negative variances).
+    With ``check_inputs`` the input is validated once (dtype, NaN/inf, negative variances).
     """
 
     def forward(self, x: Input) -> Input:  # type: ignore[override]
         if self.check_inputs:
+            if len(self) and isinstance(self[0], Module):  # a torch module first (an Embedding) may want ints
+                p = next(self.parameters(), None)
+                check_dtype(split_input(x)[0], None if p is None else p.dtype, "Sequential")
             check_gaussian(x, "Sequential input")
         for module in self:
             x = module(x)

@@ -142,6 +142,19 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dualflow.experiments.io import check_writable, require_extra
+
+    if args.resume and args.workdir is None:
+        raise ValueError("--resume needs --workdir (the folder holding checkpoint.pt)")
+    check_writable(args.out, option="--out")
+    check_writable(Path(args.out).with_suffix(".png"), option="--out (learning-curve plot)")
+    check_writable(args.workdir, "dir", option="--workdir")
+    require_extra("plot", purpose="dualflow classify (learning-curve plot)")
+    if "randaugment" in args.augment:
+        require_extra("augment", purpose="--augment randaugment")
+
     from dualflow.experiments import classify
     from dualflow.experiments import distributed as ddist
 
@@ -221,6 +234,9 @@ def report_run(args: argparse.Namespace) -> int:
     """``dualflow report classify``: :func:`dualflow.experiments.classify.report_classify`."""
     from pathlib import Path
 
+    from dualflow.experiments.io import check_writable
+
+    check_writable(args.out, option="--out")
     from dualflow.experiments.classify import report_classify
 
     notes = None

@@ -61,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dualflow.experiments.io import check_writable, require_extra
+
+    check_writable(args.out_dir, "dir", option="--out-dir")
+    for name in ("convergence.json", "convergence.csv", "convergence.png"):
+        if not (args.plot_only and name.endswith(".json")):
+            check_writable(os.path.join(args.out_dir, name), option="--out-dir")
+    require_extra("plot", purpose="dualflow convergence (plot)")
     from dualflow.experiments import gradvar as gv
 
     if args.threads:

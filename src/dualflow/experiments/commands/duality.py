@@ -1,7 +1,7 @@
 """``dualflow duality``: belief propagation *is* backpropagation, checked numerically.
 
 On random models of a chosen size it computes each smoother twice, by an explicit
-message-passing pass and by one autodiff pass over the filter (MATH.md sections 4-5,
+message-passing pass and by one autodiff pass over the filter (docs/maths.md sections 4-5,
 the paper's Theorems 3-4), and prints the largest discrepancy per identity:
 
 * Kalman smoother means and covariances: backprop vs Rauch-Tung-Striebel;
@@ -212,7 +212,7 @@ def kalman_rows(args: argparse.Namespace) -> list[Row]:
     for seed in range(args.seeds):
         model = random_lgssm(n, m, T, seed=seed, dtype=dtype, device=args.device)
         xs, Ps = gm.rts_smoother(*model)
-        xb, Pb = gm.kalman_smoother_by_backprop(*model)
+        xb, Pb = gm.kalman_smoother_by_backprop(*model, vjp="autograd")  # the duality: torch autodiff
         mean.add(xb, xs)
         cov.add(Pb, Ps)
         if brute:
@@ -242,7 +242,7 @@ def hmm_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def network_rows(args: argparse.Namespace) -> list[Row]:
-    """Networks (MATH.md section 4): ``dualflow.smooth`` vs exact Gaussian conditioning on a
+    """Networks (docs/maths.md section 4): ``dualflow.smooth`` vs exact Gaussian conditioning on a
     Gaussian-linear network, and vs importance sampling on a nonlinear BNN (approximate)."""
     from dualflow import nn as dnn
     from dualflow.smoothing import importance_smoothing, smooth
@@ -408,7 +408,7 @@ def plot_tracking(path: str, dtype: torch.dtype = torch.float64, device: str = "
     model = [ex[k] for k in ("z", "F", "H", "Q", "R", "x0", "P0")]
     xf, Pf, _ = gm.kalman_filter(*model)
     xs, Ps = gm.rts_smoother(*model)
-    xb, Pb = gm.kalman_smoother_by_backprop(*model)
+    xb, Pb = gm.kalman_smoother_by_backprop(*model, vjp="autograd")
     t = torch.arange(ex["z"].shape[0]).numpy()
 
     def pos(x, P):
@@ -442,6 +442,12 @@ def plot_tracking(path: str, dtype: torch.dtype = torch.float64, device: str = "
 
 def run(args: argparse.Namespace) -> int:
     """Run all row providers, print the table, optionally write JSON/PNG; 1 on failure."""
+    from dualflow.experiments.io import check_writable, require_extra
+
+    check_writable(args.out, option="--out")
+    check_writable(args.plot, option="--plot")
+    if args.plot:
+        require_extra("plot", purpose="dualflow duality --plot")
     _check_args(args)
     # long chains of tiny ops: intra-op threads only add overhead (restored afterwards)
     threads = torch.get_num_threads()

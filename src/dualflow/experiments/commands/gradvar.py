@@ -104,6 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dualflow.experiments.io import check_writable, require_extra
+
+    stem = os.path.splitext(args.out)[0]
+    for path in (args.out, stem + ".csv", stem + ".png"):
+        check_writable(path, option="--out")
+    require_extra("plot", purpose="dualflow gradvar (plot)")
     from dualflow.experiments import gradvar as gv
 
     if args.threads:
@@ -182,7 +188,6 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    stem = os.path.splitext(args.out)[0]
     gv.write_csv(
         res["results"],
         stem + ".csv",

@@ -144,6 +144,10 @@ def _plot(path: str, yte, preds, curves) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dualflow.experiments.io import check_writable, require_extra
+
+    check_writable(args.out_dir, "dir", option="--out-dir")
+    require_extra("experiments", purpose="dualflow quickstart (built-in diabetes data, plot)")
     res = run_quickstart(args)
     print(
         f"data: {res['dataset']} ({res['n_train']} train / {res['n_test']} test), "

@@ -368,6 +368,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dualflow.experiments.io import check_writable, require_extra
+
     if not getattr(args, "report", None):
         raise ValueError(f"name a report: {', '.join(REPORTS)}")
+    # every report writes --out (and some a --plot): check before reading any record
+    check_writable(getattr(args, "out", None), option="--out")
+    if args.report == "uci":
+        plot = args.plot or Path(args.out).with_name("uci.png")
+        check_writable(plot, option="--plot" if args.plot else "--out (uci.png beside it)")
+        require_extra("plot", purpose="dualflow report uci (plot)")
     return REPORTS[args.report].run(args)

@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dualflow.experiments import uci
     from dualflow.experiments.data.uci import default_cache_dir, download_uci
+    from dualflow.experiments.io import check_writable
 
     torch.set_num_threads(max(1, args.threads))
     datasets = uci.expand_datasets(args.dataset)
@@ -114,10 +115,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.download:
         root = args.data_dir or default_cache_dir()
+        check_writable(root, "dir", option="--data-dir" if args.data_dir else "the download cache")
         for name in datasets:
             print(f"{name}: {download_uci(name, root)}")
         print(f"data root: {root} (pass --data-dir {root} or set DUALFLOW_DATA)")
         return 0
+    check_writable(args.out, option="--out")  # before any job: the first one would be lost
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise ValueError("no method given")

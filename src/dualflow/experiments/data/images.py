@@ -36,6 +36,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -265,21 +266,28 @@ class ImageData:
 
 def _read_npz(path: Path, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError(f"{path}: a single .npy array, not an .npz archive holding arrays 'x' and 'y'")
+        with z:
             missing = {"x", "y"} - set(z.files)
             if missing:
                 raise ValueError(
                     f"{path}: missing array(s) {sorted(missing)} (found {z.files}); expected 'x' and 'y'"
                 )
             x, y = z["x"], z["y"]
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise ValueError(
-            f"{path}: cannot read the archive ({e}); the file is corrupted or not an .npz"
-        ) from e
+            f"{path}: cannot read the archive ({e}); the file is truncated, corrupted or not an .npz"
+        ) from None
     except ValueError as e:
         if str(path) in str(e):
             raise
-        raise ValueError(f"{path}: cannot read the arrays ({e}); the file is corrupted") from e
+        # numpy's wording invites unpickling ("allow_pickle"); an image archive never needs it
+        raise ValueError(
+            f"{path}: not an .npz archive of plain arrays 'x' (uint8 images) and 'y' (int labels): it holds "
+            "pickled or object data, or is corrupted; rewrite it with numpy.savez(path, x=..., y=...)"
+        ) from None
     _check_arrays(x, y, info, path)
     return x, y
 
@@ -345,7 +353,11 @@ def _load(
     mean, std = _channel_stats(x_train)
     names_file = root / folder / "classes.txt"
     if names_file.is_file():
-        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+        try:
+            text = names_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{names_file}: not a UTF-8 text file (one class name per line)") from None
+        names = tuple(line.strip() for line in text.splitlines() if line.strip())
         if len(names) == info.num_classes:
             classes = names
     data = ImageData(

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
+import warnings
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,19 +199,92 @@ def _find_folder(name: str, roots: list[Path]) -> Path:
     )
 
 
+_COLUMNS_CHANGED = re.compile(r"number of columns changed from (\d+) to (\d+) at row (\d+)")
+_NOT_A_NUMBER = re.compile(r"could not convert string '(.*)' to (\w+) at row (\d+), column (\d+)")
+
+
+def _loadtxt(path: Path, dtype: type, what: str, ndmin: int) -> np.ndarray:
+    """``np.loadtxt`` whose errors name the file and the problem in plain words (numpy's own
+    messages name neither the file nor, e.g. for ragged rows, the problem: "use `usecols`")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked below
+            a = np.loadtxt(path, dtype=dtype, ndmin=ndmin)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file ({what} expected)") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    except ValueError as err:
+        msg = str(err)
+        if m := _COLUMNS_CHANGED.search(msg):  # numpy counts these rows from 1
+            reason = f"data row {m[3]} has {m[2]} column(s), the rows before it {m[1]}"
+        elif m := _NOT_A_NUMBER.search(msg):  # ... and these from 0
+            kind = "an integer" if "int" in m[2] else "a number"
+            reason = f"{m[1]!r} is not {kind} (data row {int(m[3]) + 1}, column {m[4]})"
+        else:
+            reason = msg.split(";")[0].rstrip(".")
+        raise ValueError(f"{path}: {what} expected, but {reason}") from None
+    if a.size == 0:
+        raise ValueError(f"{path}: the file is empty ({what} expected)")
+    return a
+
+
 def _read_int(path: Path) -> int:
-    return int(np.loadtxt(path, dtype=np.int64))
+    a = _loadtxt(path, np.int64, "one integer", 1)
+    if a.size != 1:
+        raise ValueError(f"{path}: one integer expected, found {a.size} values")
+    return int(a[0])
+
+
+def _check_split_array(a: np.ndarray, name: str, source: Path) -> np.ndarray:
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(
+            f"{source}: {name!r} must be a 2-D integer array [n_splits, n_rows] of row indices, "
+            f"got dtype {a.dtype} with shape {a.shape}"
+        )
+    return np.asarray(a, dtype=np.int64)
+
+
+def _read_npz_splits(npz: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            missing = [k for k in ("train", "test") if k not in z.files]
+            if missing:
+                raise ValueError(
+                    f"{npz}: missing array(s) {', '.join(missing)} (found {', '.join(z.files) or 'none'}); "
+                    "expected integer arrays 'train' and 'test' [n_splits, n_rows]"
+                )
+            tr, te = z["train"], z["test"]
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise ValueError(f"{npz}: not a readable .npz archive, truncated or corrupted ({err})") from None
+    except ValueError as err:
+        if str(npz) in str(err):
+            raise
+        # numpy's wording here is an invitation to unpickle ("allow_pickle"): never do that
+        raise ValueError(
+            f"{npz}: not an .npz archive of integer arrays 'train' and 'test' (it holds pickled or "
+            "object data, or is corrupted); rewrite it with numpy.savez(path, train=..., test=...)"
+        ) from None
+    return _check_split_array(tr, "train", npz), _check_split_array(te, "test", npz)
 
 
 def _read_splits(folder: Path, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
     npz = folder / "splits.npz"
     if npz.is_file():
-        with np.load(npz) as z:
-            return np.asarray(z["train"], dtype=np.int64), np.asarray(z["test"], dtype=np.int64)
+        return _read_npz_splits(npz)
     if (folder / "index_train_0.txt").is_file():
-        tr = [np.loadtxt(folder / f"index_train_{i}.txt", dtype=np.int64, ndmin=1) for i in range(n_splits)]
-        te = [np.loadtxt(folder / f"index_test_{i}.txt", dtype=np.int64, ndmin=1) for i in range(n_splits)]
-        return np.stack(tr), np.stack(te)
+        out = []
+        for part in ("train", "test"):
+            files = [folder / f"index_{part}_{i}.txt" for i in range(n_splits)]
+            arrays = [_loadtxt(f, np.int64, "integer row indices", 1) for f in files]
+            if len({a.shape for a in arrays}) > 1:
+                sizes = sorted({a.size for a in arrays})
+                raise ValueError(
+                    f"{folder}: the index_{part}_<i>.txt files hold different numbers of rows ({sizes}); "
+                    "every split must have the same sizes"
+                )
+            out.append(np.stack(arrays))
+        return out[0], out[1]
     raise DataNotFoundError(
         f"{folder}: no splits.npz (and no index_train_<i>.txt / index_test_<i>.txt files)"
     )
@@ -277,21 +354,38 @@ def load_uci(name: str, data_dir: str | os.PathLike | None = None, verify: bool 
     missing = [f for f in _LAYOUT_FILES if not (path / f).is_file()]
     if missing:
         raise DataNotFoundError(f"{path}: incomplete data set folder, missing {', '.join(missing)}")
-    data = np.loadtxt(path / "data.txt", dtype=np.float64, ndmin=2)
-    feats = np.loadtxt(path / "index_features.txt", dtype=np.int64, ndmin=1)
+    data = _loadtxt(path / "data.txt", np.float64, "a table of numbers (one row per example)", 2)
+    feats = _loadtxt(path / "index_features.txt", np.int64, "integer column indices", 1)
     target = _read_int(path / "index_target.txt")
     n_splits = _read_int(path / "n_splits.txt")
     train, test = _read_splits(path, n_splits)
+    npz = path / "splits.npz"
+    split_src = npz if npz.is_file() else path / "index_<train|test>_<i>.txt"
     if train.shape[0] != n_splits or test.shape[0] != n_splits:
-        raise ValueError(f"{path}: n_splits.txt says {n_splits}, the split files hold {train.shape[0]}")
+        raise ValueError(
+            f"{path / 'n_splits.txt'} says {n_splits} splits, {split_src} holds "
+            f"{train.shape[0]} train and {test.shape[0]} test splits"
+        )
     n = data.shape[0]
     for arr, what in ((train, "train"), (test, "test")):
         if arr.size and (arr.min() < 0 or arr.max() >= n):
-            raise ValueError(f"{path}: {what} indices out of range [0, {n})")
-    if feats.min() < 0 or feats.max() >= data.shape[1] or not 0 <= target < data.shape[1]:
-        raise ValueError(f"{path}: feature/target column indices out of range (data has {data.shape[1]})")
+            raise ValueError(
+                f"{split_src}: {what} row indices out of range [0, {n}) (data.txt has {n} rows): "
+                f"found [{arr.min()}, {arr.max()}]"
+            )
+    for i in range(n_splits):  # a test row used for training would leak test data
+        if np.intersect1d(train[i], test[i]).size:
+            raise ValueError(f"{split_src}: split {i}: train and test rows overlap")
+    if feats.min() < 0 or feats.max() >= data.shape[1]:
+        raise ValueError(
+            f"{path / 'index_features.txt'}: column indices out of range (data.txt has {data.shape[1]})"
+        )
+    if not 0 <= target < data.shape[1]:
+        raise ValueError(
+            f"{path / 'index_target.txt'}: column {target} out of range (data.txt has {data.shape[1]})"
+        )
     if not np.isfinite(data).all():
-        raise ValueError(f"{path}/data.txt contains NaN or inf")
+        raise ValueError(f"{path / 'data.txt'}: contains NaN or inf")
     folder = path.name
     if verify and folder in CHECKSUMS:
         want_data, want_splits, _ = CHECKSUMS[folder]
