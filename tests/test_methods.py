@@ -193,7 +193,7 @@ def test_conjugate_linear_regression_every_bayesian_method_approaches_the_mean_f
     err = {}
     for name in BAYESIAN:
         torch.manual_seed(0)
-        opts = {"objective": "elbo"} if name in ("bp", "bp-ng") else {}
+        opts = {"objective": "elbo", "prior": "fixed"} if name in ("bp", "bp-ng") else {}
         m = dm.create(name, build, noise_var=tau2, learn_noise=False, **opts)
         m.fit((x, y), cfg)
         net = m.net

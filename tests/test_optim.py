@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import dualflow as df
-from dualflow.optim import NaturalGradient, ng_param_groups
+from dualflow.optim import NaturalGradient, bounded_mean_step, ng_param_groups, precision_update
 
 DT = torch.float64
 
@@ -230,7 +230,7 @@ def test_needs_pairing_information():
     with pytest.raises(ValueError):
         NaturalGradient(groups, 0)
     with pytest.raises(ValueError):
-        NaturalGradient(groups, 10, positivity="clip")
+        NaturalGradient(groups, 10, positivity="bogus")
     with pytest.raises(ValueError):
         NaturalGradient(groups, 10, betas=(0.9, 0.0))
 
@@ -286,3 +286,64 @@ def test_momentum_is_debiased_so_first_step_matches_b1_zero():
     _elbo_step(b, ob, x, y, tau2, n)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- safeguards (issue 10)
+
+
+def test_precision_update_rules_agree_where_curvature_is_nonnegative():
+    """Every rule is the plain update of docs/maths.md section 3, (1 - b2) lam + b2 (lam0 + N h),
+    where N h >= 0 and lam = lam0 + N h (the fixed point); "split" and "clip" also away from the
+    fixed point."""
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(50, dtype=DT, generator=g) * 10 + 0.1
+    nh = torch.rand(50, dtype=DT, generator=g) * 100
+    for b2 in (1.0, 0.3, 0.01):
+        plain = (1 - b2) * lam + b2 * (2.0 + nh)
+        for rule in ("split", "clip"):
+            torch.testing.assert_close(precision_update(lam, nh, 2.0, b2, rule), plain, rtol=1e-12, atol=0)
+        at_fixed_point = precision_update(2.0 + nh, nh, 2.0, b2, "ivon")
+        torch.testing.assert_close(at_fixed_point, 2.0 + nh, rtol=1e-12, atol=0)
+
+
+def test_clip_rule_bounds_the_precision_where_split_explodes():
+    """The cause of the bp-ng divergences (results/uci, wine split 17): the predictive objective's
+    g_s2 is negative wherever residuals exceed the predictive variance, with |N h| up to 1e4-1e7
+    times lam0. "split" then halves lam per step (lam' >= A/2) and, once B = b2 |N h| >> A,
+    jumps to ~B^2 / (2 A) (1e7x in one step, measured). "clip" keeps every step a convex
+    combination: lam' in [min(lam, lam0), max(lam, lam0 + N h+)], at most a factor 1 - b2 down."""
+    lam = torch.tensor([1.0, 1.0, 50.0, 3.0], dtype=DT)
+    nh = torch.tensor([-1e6, -3e3, -1e2, 40.0], dtype=DT)
+    lam0, b2 = 2.0, 0.1
+    split = precision_update(lam, nh, lam0, b2, "split")
+    assert float(split[0]) > 1e9  # the jump: (b2 |N h|)^2 / (2 A)
+    clip = precision_update(lam, nh, lam0, b2, "clip")
+    lo = torch.minimum(lam, torch.tensor(lam0, dtype=DT))
+    hi = torch.maximum(lam, lam0 + nh.clamp_min(0))
+    assert bool((clip >= lo).all() and (clip <= hi).all())
+    assert bool((clip >= (1 - b2) * lam).all())
+    with pytest.raises(ValueError, match="positivity"):
+        precision_update(lam, nh, lam0, b2, "bogus")
+
+
+def test_bounded_mean_step():
+    delta = torch.tensor([-5.0, -0.1, 0.0, 0.3, 9.0], dtype=DT)
+    lam = torch.tensor([1.0, 1.0, 4.0, 100.0, 0.25], dtype=DT)
+    out = bounded_mean_step(delta.clone(), lam, 2.0)
+    torch.testing.assert_close(out, torch.tensor([-2.0, -0.1, 0.0, 0.2, 4.0], dtype=DT))
+    assert bool((out.abs() <= 2.0 / lam.sqrt() + 1e-15).all())
+
+
+@pytest.mark.parametrize("positivity", ["clip", "split"])
+def test_safeguarded_step_keeps_the_one_step_conjugate_property(positivity):
+    """With max_step_sd large enough not to bind, the lr = 1, b2 = 1 step still lands exactly."""
+    x, y, mean, lam, tau2, s0 = _blr(orthogonal=True)
+    n = x.shape[0]
+    net = _net(3, s0)
+    opt = NaturalGradient(
+        ng_param_groups(net), n, lr=1.0, betas=(0.0, 1.0), positivity=positivity, max_step_sd=1e6
+    )
+    _elbo_step(net, opt, x, y, tau2, n)
+    mu, prec, _ = _flat(net, opt)
+    torch.testing.assert_close(prec, lam.diag(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(mu, mean, rtol=0, atol=1e-10)

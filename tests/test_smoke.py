@@ -69,7 +69,8 @@ def _readme_python_blocks() -> list[str]:
 
 def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     """Every ``python`` code block of the README runs, in order, in one fresh namespace (later
-    blocks use names of earlier ones, as a reader would). Only the epoch counts (to 2) and HMC draws (to 20) are cut."""
+    blocks use names of earlier ones, as a reader would). Only the epoch counts (to 2) and HMC
+    draws (to 20) are cut."""
     blocks = _readme_python_blocks()
     assert len(blocks) >= 3, "the README lost its code examples"
     monkeypatch.chdir(tmp_path)  # snippets may write checkpoints under ./run

@@ -194,13 +194,13 @@ def test_schedule():
 
 
 def test_same_seed_same_numbers(data_root, uci_root):
-    opts = uci.RunOptions(data_dir=str(data_root), overrides=dict(QUICK))
+    opts = uci.RunOptions(data_dir=str(data_root), select=True, overrides=dict(QUICK))
     a = uci.run_split("yacht", 1, "bp", opts)
     b = uci.run_split("yacht", 1, "bp", opts)
     assert (a["rmse"], a["ll"], a["hyperparameters"]) == (b["rmse"], b["ll"], b["hyperparameters"])
     assert [t["val_ll"] for t in a["selection"]["trials"]] == [t["val_ll"] for t in b["selection"]["trials"]]
     c = uci.run_split(
-        "yacht", 1, "bp", uci.RunOptions(data_dir=str(data_root), seed=1, overrides=dict(QUICK))
+        "yacht", 1, "bp", uci.RunOptions(data_dir=str(data_root), seed=1, select=True, overrides=dict(QUICK))
     )
     assert c["seed"] != a["seed"] and c["ll"] != a["ll"]
     assert len(a["selection"]["trials"]) == len(uci.METHODS["bp"].grid)
@@ -209,7 +209,7 @@ def test_same_seed_same_numbers(data_root, uci_root):
 
 
 def test_two_workers_give_the_same_records(tmp_path, data_root, uci_root):
-    opts = uci.RunOptions(data_dir=str(data_root), select=False, overrides=dict(QUICK))
+    opts = uci.RunOptions(data_dir=str(data_root), overrides=dict(QUICK))
     kw = dict(splits=2, log=lambda _m: None)
     one = uci.run_benchmark(["yacht"], ["bp"], opts, workers=1, **kw)
     two = uci.run_benchmark(["yacht"], ["bp"], opts, workers=2, out=tmp_path / "r.json", **kw)
@@ -229,7 +229,9 @@ def test_diverging_candidate_is_skipped(monkeypatch, data_root, uci_root):
         return real(method, hp, *args, **kw)
 
     monkeypatch.setattr(uci, "train_and_evaluate", flaky)
-    r = uci.run_split("yacht", 0, "bp", uci.RunOptions(data_dir=str(data_root), overrides=dict(QUICK)))
+    r = uci.run_split(
+        "yacht", 0, "bp", uci.RunOptions(data_dir=str(data_root), select=True, overrides=dict(QUICK))
+    )
     assert r["hyperparameters"]["lr"] == 0.03 and not r["failed"] and math.isfinite(r["ll"])
     assert sum(t["val_ll"] == -math.inf for t in r["selection"]["trials"]) == 2
 
@@ -237,9 +239,12 @@ def test_diverging_candidate_is_skipped(monkeypatch, data_root, uci_root):
 @pytest.mark.parametrize("method", list(uci.METHODS))
 def test_every_method_runs_through_the_runner(method, data_root, uci_root):
     assert method in uci.available_methods()
-    opts = uci.RunOptions(data_dir=str(data_root), select=False, overrides={**QUICK, "samples": 4})
+    opts = uci.RunOptions(data_dir=str(data_root), overrides={**QUICK, "samples": 4})
     r = uci.run_split("yacht", 0, method, opts)
     assert r["implementation"] == "dualflow.methods" and not r["failed"]
+    assert r["protocol"] == "default recipe" and r["variant"] == "samples=4"  # forced: a variant
+    assert r["label"] == f"{method} (samples=4)"
+    assert r["hyperparameters"] == {**uci.METHODS[method].defaults, **QUICK, "samples": 4}
     assert math.isfinite(r["ll"]) and 0 < r["rmse"] < 100
 
 
@@ -275,6 +280,24 @@ def test_cli_smoke_run_writes_records_and_report(tmp_path, data_root, uci_root):
     assert (tmp_path / "rep" / "uci.png").stat().st_size > 5000
 
 
+def test_searched_and_heteroscedastic_rows_are_separate(tmp_path, data_root, uci_root):
+    """Default, --search and noise=heteroscedastic runs of one method into one file: three rows,
+    and --resume skips only the records of the same variant."""
+    out = tmp_path / "uci.json"
+    base = ["uci", "--dataset", "yacht", "--method", "bp", "--splits", "1", "--steps", "20"]
+    base += ["--data-dir", str(data_root), "--out", str(out), "--quiet"]
+    for extra in ([], ["--search"], ["--set", "noise=heteroscedastic"], ["--resume", "--search"]):
+        assert main([*base, *extra]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert sorted(r["label"] for r in recs) == ["bp", "bp (heteroscedastic)", "bp (search)"]
+    search = next(r for r in recs if r["variant"] == "search")
+    assert search["protocol"] == "search" and len(search["selection"]["trials"]) == 3
+    het = next(r for r in recs if r["variant"] == "heteroscedastic")
+    assert het["hyperparameters"]["noise"] == "heteroscedastic" and math.isfinite(het["ll"])
+    summary = uci.summarize(uci.load_records([out]))
+    assert set(summary) == {("yacht", "bp"), ("yacht", "bp (search)"), ("yacht", "bp (heteroscedastic)")}
+
+
 def test_report_marks_standing_and_best():
     from dualflow.experiments.commands.report import uci_tables
 
@@ -302,3 +325,29 @@ def test_load_results_rejects_bad_files(tmp_path):
         uci.load_results([p])
     with pytest.raises(FileNotFoundError):
         uci.load_results([tmp_path / "missing.json"])
+
+
+def test_two_phase_start_holds_the_variances_then_releases_them(data_root, uci_root):
+    """mean_phase: the first share of the epochs trains the means only (every weight sd held),
+    then all parameters; the run's result is finite and every rho is trainable again."""
+    ds = uci.load_uci("yacht", str(data_root))
+    xtr, ytr, xte, yte = ds.split(0)
+    hp = {**uci.METHODS["bp"].defaults, "steps": 40, "mean_phase": 0.5, "mean_phase_sd": 1e-3}
+    seen = []
+    real = uci._hold_variances
+
+    def spy(net, sd):
+        seen.append(sd)
+        real(net, sd)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(uci, "_hold_variances", spy):
+        r = uci.train_and_evaluate("bp", hp, xtr, ytr, xte, yte, hidden=ds.n_hidden, epochs=40, seed=0)
+    assert seen == [1e-3, None] and math.isfinite(r["ll"])
+    net = torch.nn.Sequential(df.nn.Linear(3, 2))
+    uci._hold_variances(net, 0.01)
+    assert not net[0].weight_rho.requires_grad
+    torch.testing.assert_close(net[0].weight_var, torch.full((2, 3), 1e-4))
+    uci._hold_variances(net, None)
+    assert net[0].weight_rho.requires_grad

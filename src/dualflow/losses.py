@@ -18,9 +18,13 @@ from dualflow.gaussian import Gaussian, as_gaussian
 
 __all__ = [
     "GaussianLikelihood",
+    "HeteroscedasticLikelihood",
     "categorical_nll",
+    "elbo_noise_var",
     "gaussian_log_density",
     "gaussian_nll",
+    "heteroscedastic_moments",
+    "heteroscedastic_nll",
     "predictive_mean_var",
     "predictive_probs",
 ]
@@ -217,23 +221,193 @@ def predictive_probs(
     return _log_probs(logits, method, samples, generator).exp()
 
 
+def elbo_noise_var(pred: Tensor | Gaussian, target: Tensor) -> Tensor:
+    """The noise variance that maximises the expected log-likelihood (the ELBO's data term).
+
+    ``E_q J = 0.5 log(2 pi tau^2) + ((y - m)^2 + v) / (2 tau^2)`` is minimised over ``tau^2`` at
+    ``tau^2* = mean((y - m)^2 + v)`` over the batch (and over output dims: one shared
+    ``tau^2``). Detached: at the optimum ``d E_q J / d tau^2 = 0``, so the gradient of
+    ``E_q J(tau^2*)`` in the network's parameters is the same with ``tau^2*`` held constant
+    (envelope theorem). Returns a 0-dim tensor.
+    """
+    g = _check_pred(pred)
+    y = _match_target(g, target)
+    return ((y - g.mean).square() + g.var).detach().mean()
+
+
 class GaussianLikelihood(torch.nn.Module):
-    """Homoscedastic Gaussian observation model with fixed or learned noise variance.
+    """Homoscedastic Gaussian observation model with fixed, learned or empirical-Bayes noise variance.
 
     ``forward(pred, target)`` returns :func:`gaussian_nll`. The learned noise variance is
     ``softplus(raw) + min_noise_var``.
 
+    Empirical Bayes (``empirical=True``, ``objective="elbo"`` only, where a closed form
+    exists): in training mode the loss uses the batch's optimal noise variance
+    :func:`elbo_noise_var` ``= mean((y - m)^2 + v)`` (for full batches: the exact maximiser of
+    the ELBO in ``tau^2``; for mini-batches a per-batch estimate), and ``noise_var`` (used for
+    prediction) is an exponential average of those estimates (weight ``ema`` of the newest;
+    the first batch sets it).
+
     Args:
         noise_var: initial (or fixed) ``tau^2 > 0``.
-        learn: learn ``tau^2`` by gradient.
+        learn: learn ``tau^2`` by gradient (ignored with ``empirical``).
         objective: ``"predictive"`` or ``"elbo"``.
         min_noise_var: floor of the learned noise variance.
+        empirical: fit ``tau^2`` in closed form (see above).
+        ema: weight of the newest batch estimate in ``noise_var`` (``empirical`` only).
     """
 
     def __init__(
         self,
         noise_var: float = 1.0,
         learn: bool = True,
+        objective: Literal["predictive", "elbo"] = "predictive",
+        min_noise_var: float = 1e-6,
+        *,
+        empirical: bool = False,
+        ema: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not noise_var > 0:
+            raise ValueError(f"noise_var must be > 0, got {noise_var}")
+        if objective not in ("predictive", "elbo"):
+            raise ValueError(f"objective must be 'predictive' or 'elbo', got {objective!r}")
+        if empirical and objective != "elbo":
+            raise ValueError(
+                "empirical (closed-form) noise needs objective='elbo': the predictive objective's "
+                "optimal noise variance has no closed form (learn it by gradient instead)"
+            )
+        if not 0.0 < ema <= 1.0:
+            raise ValueError(f"ema must lie in (0, 1], got {ema}")
+        self.objective = objective
+        self.min_noise_var = float(min_noise_var)
+        self.empirical = bool(empirical)
+        self.ema = float(ema)
+        x = max(noise_var - min_noise_var, 1e-8)
+        raw = torch.tensor(x + math.log(-math.expm1(-x)))  # inverse softplus
+        if learn and not empirical:
+            self.raw_noise = torch.nn.Parameter(raw)
+        else:
+            self.register_buffer("raw_noise", raw)
+        if empirical:
+            self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def noise_var(self) -> Tensor:
+        return F.softplus(self.raw_noise) + self.min_noise_var
+
+    def ggn_surrogate(self, pred: Tensor | Gaussian) -> Tensor:
+        """``0.5 mean_i sum_d v_id / s_id`` with ``s = v + tau^2`` held constant: its gradient in
+        the weight variances is half the Gauss-Newton curvature (Fisher ``1/s`` of the mean;
+        see :func:`dualflow.optim.ggn_surrogate`)."""
+        var = as_gaussian(pred).var
+        dims = tuple(range(1, var.dim()))
+        return (var / (var + self.noise_var.detach()).detach()).sum(dim=dims).mean() * 0.5
+
+    def forward(self, pred: Tensor | Gaussian, target: Tensor) -> Tensor:
+        if self.empirical and self.training:
+            nv = elbo_noise_var(pred, target).clamp_min(self.min_noise_var)
+            with torch.no_grad():  # the running estimate used for prediction
+                old = self.noise_var
+                new = nv if not bool(self.fitted) else (1.0 - self.ema) * old + self.ema * nv
+                x = (new - self.min_noise_var).clamp_min(1e-8)
+                self.raw_noise.copy_(x + torch.log(-torch.expm1(-x)))
+                self.fitted.fill_(True)
+            return gaussian_nll(pred, target, nv, self.objective)
+        return gaussian_nll(pred, target, self.noise_var, self.objective)
+
+
+def _split_hetero(pred: Tensor | Gaussian, name: str = "prediction") -> tuple[Gaussian, Gaussian]:
+    g = _check_pred(pred, name)
+    if g.mean.dim() != 2 or g.mean.shape[1] % 2:
+        raise ValueError(
+            f"{name}: a heteroscedastic model needs outputs (B, 2 D) (D means, then D log noise "
+            f"variances), got shape {tuple(g.mean.shape)}"
+        )
+    d = g.mean.shape[1] // 2
+    return Gaussian(g.mean[:, :d], g.var[:, :d]), Gaussian(g.mean[:, d:], g.var[:, d:])
+
+
+#: largest exponent used in ``E exp(z)`` (float32 overflows at ~88)
+_MAX_EXP = 30.0
+
+
+def heteroscedastic_moments(
+    pred: Tensor | Gaussian, log_noise_offset: float = 0.0, min_noise_var: float = 1e-6
+) -> tuple[Gaussian, Tensor, Tensor]:
+    """``(f, E[tau^2], E[1/tau^2])`` of a heteroscedastic output.
+
+    The network's output ``(B, 2D)`` holds ``f ~ N(m_f, v_f)`` (first ``D`` columns) and
+    ``z ~ N(m_z, v_z)`` (last ``D``) with ``log tau^2 = z + c`` (``c = log_noise_offset``,
+    so a zero output means ``tau^2 = e^c``). Log-normal moments:
+    ``E[tau^2] = exp(m_z + c + v_z / 2)``, ``E[1/tau^2] = exp(-m_z - c + v_z / 2)``; both
+    exponents are capped at 30, and ``min_noise_var`` is added to ``E[tau^2]``.
+    """
+    f, z = _split_hetero(pred)
+    e_tau2 = torch.exp((z.mean + log_noise_offset + 0.5 * z.var).clamp(max=_MAX_EXP)) + min_noise_var
+    e_inv = torch.exp((-z.mean - log_noise_offset + 0.5 * z.var).clamp(max=_MAX_EXP))
+    return f, e_tau2, e_inv
+
+
+def heteroscedastic_nll(
+    pred: Tensor | Gaussian,
+    target: Tensor,
+    objective: Literal["predictive", "elbo"] = "predictive",
+    log_noise_offset: float = 0.0,
+    min_noise_var: float = 1e-6,
+) -> Tensor:
+    """Heteroscedastic Gaussian regression loss, mean over the batch (summed over output dims).
+
+    The output holds ``f ~ N(m_f, v_f)`` and the log noise variance ``z ~ N(m_z, v_z)``
+    (:func:`heteroscedastic_moments`), treated as independent (as moment propagation treats
+    distinct output units).
+
+    ``objective="predictive"``: the epistemic variance ``v_f`` and the expected aleatoric
+    variance combine, ``s = v_f + E[tau^2]``, ``J = 0.5 log(2 pi s) + (y - m_f)^2 / (2 s)``
+    (a Gaussian moment-matched to the predictive of ``y``).
+    ``objective="elbo"`` (exact expected log-likelihood under ``q``):
+    ``E_q J = 0.5 log(2 pi) + 0.5 (m_z + c) + 0.5 ((y - m_f)^2 + v_f) E[1/tau^2]``.
+
+    Args:
+        pred: output moments ``(B, 2D)``.
+        target: ``(B, D)`` (``(B,)`` for ``D = 1``).
+        objective: ``"predictive"`` or ``"elbo"``.
+        log_noise_offset: ``c`` above.
+        min_noise_var: floor added to ``E[tau^2]``.
+    """
+    f, e_tau2, e_inv = heteroscedastic_moments(pred, log_noise_offset, min_noise_var)
+    y = _match_target(f, target)
+    r2 = (y - f.mean) ** 2
+    if objective == "predictive":
+        s = f.var + e_tau2
+        j = 0.5 * (_LOG_2PI + torch.log(s) + r2 / s)
+    elif objective == "elbo":
+        z_mean = _split_hetero(pred)[1].mean
+        j = 0.5 * (_LOG_2PI + z_mean + log_noise_offset + (r2 + f.var) * e_inv)
+    else:
+        raise ValueError(f"objective must be 'predictive' or 'elbo', got {objective!r}")
+    return _sum_event(j).mean()
+
+
+class HeteroscedasticLikelihood(torch.nn.Module):
+    """Heteroscedastic Gaussian observation model: the network's second half of outputs is the
+    log noise variance (:func:`heteroscedastic_nll`).
+
+    ``forward(pred, target)`` is the loss; :meth:`predictive` maps an output ``(B, 2D)`` to the
+    Gaussian over ``y`` ``N(m_f, v_f + E[tau^2])`` (epistemic plus expected aleatoric variance).
+    ``noise_var`` is ``e^c`` (the noise variance at a zero output; the per-input values come
+    from :meth:`predictive`).
+
+    Args:
+        noise_var: ``e^c``: the noise variance the network starts near (its log-variance
+            output starts near 0).
+        objective: ``"predictive"`` or ``"elbo"``.
+        min_noise_var: floor added to the noise variance.
+    """
+
+    def __init__(
+        self,
+        noise_var: float = 1.0,
         objective: Literal["predictive", "elbo"] = "predictive",
         min_noise_var: float = 1e-6,
     ) -> None:
@@ -243,17 +417,28 @@ class GaussianLikelihood(torch.nn.Module):
         if objective not in ("predictive", "elbo"):
             raise ValueError(f"objective must be 'predictive' or 'elbo', got {objective!r}")
         self.objective = objective
+        self.offset = math.log(noise_var)
         self.min_noise_var = float(min_noise_var)
-        x = max(noise_var - min_noise_var, 1e-8)
-        raw = torch.tensor(x + math.log(-math.expm1(-x)))  # inverse softplus
-        if learn:
-            self.raw_noise = torch.nn.Parameter(raw)
-        else:
-            self.register_buffer("raw_noise", raw)
 
     @property
     def noise_var(self) -> Tensor:
-        return F.softplus(self.raw_noise) + self.min_noise_var
+        return torch.tensor(math.exp(self.offset) + self.min_noise_var)
 
     def forward(self, pred: Tensor | Gaussian, target: Tensor) -> Tensor:
-        return gaussian_nll(pred, target, self.noise_var, self.objective)
+        return heteroscedastic_nll(pred, target, self.objective, self.offset, self.min_noise_var)
+
+    def ggn_surrogate(self, pred: Tensor | Gaussian) -> Tensor:
+        """Half the Gauss-Newton curvature in the weight variances (see
+        :func:`dualflow.optim.ggn_surrogate`): ``0.5 mean_i sum_d (v_f F_f + v_z F_z)`` with the
+        Fisher information of ``N(y; m_f, s)``, ``s = v_f + E[tau^2]``, in the mean, ``F_f = 1/s``,
+        and in ``z``, ``F_z = (ds/dz)^2 / (2 s^2) = E[tau^2]^2 / (2 s^2)``, held constant."""
+        f, e_tau2, _ = heteroscedastic_moments(pred, self.offset, self.min_noise_var)
+        z = _split_hetero(pred)[1]
+        s = (f.var + e_tau2).detach()
+        fz = (e_tau2.detach() / s).square() * 0.5
+        return 0.5 * _sum_event(f.var / s + z.var * fz).mean()
+
+    def predictive(self, pred: Tensor | Gaussian) -> Gaussian:
+        """Gaussian over ``y``: mean ``m_f``, variance ``v_f + E[tau^2]``, shapes ``(B, D)``."""
+        f, e_tau2, _ = heteroscedastic_moments(pred, self.offset, self.min_noise_var)
+        return Gaussian(f.mean, f.var + e_tau2)

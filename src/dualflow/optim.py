@@ -25,8 +25,8 @@ gradient holds the data term only) and applies the prior itself, as above; so th
 the same whichever the caller used.
 
 Positivity. ``h`` is negative where the loss is locally concave in a weight (e.g. the
-predictive objective on badly fit points, or a sampled Hessian estimate). Two rules keep
-``lambda > 0``:
+predictive objective on badly fit points, or a sampled Hessian estimate). Three rules keep
+``lambda > 0`` (``"clip"``: see below):
 
 * ``positivity="split"`` (default): the update is split into its part that is a convex
   combination of positive quantities, ``A = (1 - b2) lambda + b2 (lambda0 + N h+)``, and the
@@ -51,6 +51,25 @@ mean with precision ``diag`` of the posterior precision. One ``lr = 1``, ``b2 = 
 step (a Jacobi iteration): it lands on the posterior mean in one step only when the posterior
 precision is diagonal (e.g. orthogonal inputs); otherwise repeated steps converge to it.
 
+Curvature and safeguards (issue 10; ``bp-ng``'s defaults in ``dualflow uci``). ``h = 2 g_s2``
+is ``E_q[diag Hessian]`` only for an expected loss (the ELBO). For the paper's predictive
+objective it is ``(1 - r^2/s)/s * dv/d sigma^2``, negative wherever a residual exceeds the
+predictive variance; read as a curvature it made ``bp-ng`` diverge (precisions halved step
+after step, then multiplied by up to 1e7 in one step by the "split" retraction, mean steps of
+10-600 posterior sds; measured on the diverging UCI splits). The fixes, each optional:
+
+* :meth:`NaturalGradient.set_curvature` with :func:`ggn_surrogate`: the generalized
+  Gauss-Newton curvature (``>= 0``) from a second backward pass through the variance path;
+* ``positivity="clip"`` (:func:`precision_update`): negative curvature dropped, every step a
+  convex combination of the old precision and ``lambda0 + N h+``;
+* ``precision_debias=True``: weight ``max(b2, 1/t)``, so the initial ``1/sigma_init^2`` (not a
+  curvature estimate) is forgotten at the first step;
+* ``max_step_sd`` (:func:`bounded_mean_step`): a trust region on the mean step in posterior
+  standard deviations, floored at the fixed prior's.
+
+With ``lr = 1``, ``b2 = 1`` and a trust region that does not bind, the one-step conjugate
+property holds with all of them (tested).
+
 Point parameters (biases without ``rho``, normalisation weights, a learned noise variance)
 get Adam (``point_lr``, ``point_betas``, ``eps``, ``weight_decay``).
 
@@ -67,9 +86,84 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualflow.nn.base import BayesLayer
+from dualflow.nn.base import BayesLayer, empirical_prior_var
 
-__all__ = ["NaturalGradient", "ng_param_groups"]
+__all__ = [
+    "POSITIVITY",
+    "NaturalGradient",
+    "bounded_mean_step",
+    "ggn_surrogate",
+    "ng_param_groups",
+    "precision_update",
+]
+
+#: rules that keep the precision positive (:func:`precision_update`)
+POSITIVITY: tuple[str, ...] = ("split", "ivon", "clip")
+
+
+def precision_update(lam: Tensor, nh: Tensor, lam0: float | Tensor, b2: float, rule: str = "split") -> Tensor:
+    """One precision update ``lambda' = (1 - b2) lambda + b2 (lambda0 + N h)`` kept positive.
+
+    Args:
+        lam: current precision ``lambda > 0`` (any shape).
+        nh: ``N h``, the curvature estimate of the data term times ``N`` (same shape; may be
+            negative).
+        lam0: prior precision (float or 0-dim tensor, ``> 0``).
+        b2: weight of the new estimate, ``0 < b2 <= 1``.
+        rule: ``"split"``: the plain update where ``h >= 0``; the negative part ``B = b2 N h-``
+            is applied to ``A = (1 - b2) lambda + b2 (lambda0 + N h+)`` by the Riemannian
+            retraction ``A - B + B^2 / (2 A)`` (positive, but ``>> A`` when ``B >> A``).
+            ``"ivon"``: IVON's correction on the whole step. ``"clip"``: negative curvature is
+            dropped, ``lambda' = (1 - b2) lambda + b2 (lambda0 + N max(h, 0))``: a convex
+            combination, so ``lambda' >= min(lambda, lambda0)`` and one step can at most
+            multiply ``lambda`` by ``1 - b2`` (no collapse, no jump); where ``h >= 0`` it is the
+            plain update, so the ``b2 = 1`` fixed point is kept.
+
+    Returns:
+        The new precision (a new tensor).
+    """
+    if rule == "split":
+        a = nh.clamp_min(0.0).mul_(b2).add_(lam, alpha=1.0 - b2).add_(b2 * lam0)
+        b = nh.neg().clamp_min_(0.0).mul_(b2)
+        return torch.div(b, a).mul_(b).mul_(0.5).sub_(b).add_(a)  # a - b + b^2 / (2a)
+    if rule == "ivon":
+        t = nh.add(lam0)
+        corr = (lam - t).square_().div_(lam).mul_(0.5 * b2 * b2)
+        return t.mul_(b2).add_(lam, alpha=1.0 - b2).add_(corr)
+    if rule == "clip":
+        return nh.clamp_min(0.0).add_(lam0).mul_(b2).add_(lam, alpha=1.0 - b2)
+    raise ValueError(f"positivity must be one of {list(POSITIVITY)}, got {rule!r}")
+
+
+def ggn_surrogate(pred: Any, noise_var: Tensor | float) -> Tensor:
+    """A scalar whose gradient in the weight variances is half the generalized Gauss-Newton
+    curvature of the Gaussian regression loss: ``mean_i sum_d v_id / (2 s_id)`` with the
+    predictive variance ``s = v + tau^2`` held constant (detached).
+
+    Why: for ``E_q[(y - f)^2] / (2 s) = ((y - m)^2 + v) / (2 s)`` Price's theorem gives
+    ``2 d/d sigma^2 = E_q[d^2/dw^2] = E_q[(df/dw)^2] / s`` (the GGN of ``N(y; f, s)``; the
+    ``(y - m)^2`` part does not depend on ``sigma^2`` under the first-order rule), and
+    ``d v / d sigma^2`` carries exactly that expected squared Jacobian through the moment
+    propagation. It is ``>= 0`` where the moment rule makes ``v`` non-decreasing in every
+    ``sigma^2`` (the first-order ReLU rule; linear layers always). The predictive objective's
+    own ``2 g_s2 = (1 - r^2/s) / s * dv/d sigma^2`` is negative wherever the squared residual
+    exceeds ``s`` and is not a curvature: using it as one is what made ``bp-ng`` diverge.
+
+    Args:
+        pred: output moments (a :class:`~dualflow.Gaussian`; for a heteroscedastic output
+            ``(B, 2D)`` only the first ``D`` columns, the mean's, are used).
+        noise_var: ``tau^2`` (scalar or broadcastable; for heteroscedastic outputs pass the
+            per-example expected noise variance).
+    """
+    var = pred.var
+    return (var / (var + noise_var).detach()).sum(dim=tuple(range(1, var.dim()))).mean() * 0.5
+
+
+def bounded_mean_step(delta: Tensor, lam: Tensor, max_sd: float) -> Tensor:
+    """``delta`` clipped element-wise to ``|delta| <= max_sd / sqrt(lam)``: a trust region of
+    ``max_sd`` posterior standard deviations on the step of the means."""
+    lim = lam.rsqrt().mul_(max_sd)
+    return torch.maximum(torch.minimum(delta, lim), lim.neg_())
 
 
 def ng_param_groups(
@@ -77,10 +171,14 @@ def ng_param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`NaturalGradient`.
 
-    One group ``{"params": [mu, rho], "gaussian": True, "prior_precision": 1/prior_var}`` per
-    Bayesian weight or bias of every :class:`~dualflow.nn.BayesLayer` in ``model``, then one
-    group ``{"params": [...], "gaussian": False}`` with every other parameter (point
-    parameters, updated by Adam).
+    One group ``{"params": [mu, rho], "gaussian": True, "prior_precision": 1/prior_var,
+    "empirical_prior": bool}`` per Bayesian weight or bias of every
+    :class:`~dualflow.nn.BayesLayer` in ``model`` (``empirical_prior``: the layer's
+    ``prior == "empirical"`` when the groups are made; the optimizer then uses the tensor's
+    empirical-Bayes prior precision, :func:`dualflow.nn.empirical_prior_var`, at every step,
+    with the layer's ``prior_pseudo_count``), then one group
+    ``{"params": [...], "gaussian": False}`` with every other parameter (point parameters,
+    updated by Adam).
 
     Args:
         model: the network (or any module containing it).
@@ -96,7 +194,13 @@ def ng_param_groups(
             for mu, rho in mod.variational_pairs():
                 if id(mu) in ids and id(rho) in ids and id(mu) not in used:
                     groups.append(
-                        {"params": [mu, rho], "gaussian": True, "prior_precision": 1.0 / mod.prior_var}
+                        {
+                            "params": [mu, rho],
+                            "gaussian": True,
+                            "prior_precision": 1.0 / mod._prior_var,
+                            "empirical_prior": mod.prior == "empirical",
+                            "prior_pseudo_count": mod.prior_pseudo_count,
+                        }
                     )
                     used.update((id(mu), id(rho)))
     point, seen = [], set(used)
@@ -126,7 +230,16 @@ class NaturalGradient(torch.optim.Optimizer):
             ``prior_precision``, i.e. the layer's ``1/prior_var``).
         kl_weight: factor of ``KL(q||p)`` already contained in the gradients (``None``:
             ``1/N``, what :func:`dualflow.train.fit` uses; ``0``: data term only).
-        positivity: ``"split"`` (default) or ``"ivon"`` (see module doc).
+        positivity: ``"split"`` (default), ``"ivon"`` or ``"clip"`` (see module doc and
+            :func:`precision_update`).
+        max_step_sd: bound every mean step to this many posterior standard deviations
+            (:func:`bounded_mean_step`; ``None``: no bound), and never more than that many
+            standard deviations of the fixed prior (``1 / sqrt(prior_precision)``; this matters
+            with an empirical prior, whose precision follows the weights).
+        precision_debias: weight the new curvature by ``max(b2, 1/t)`` at step ``t``, so the
+            precision is the running mean of the curvature targets until ``1/t < b2`` and the
+            initial ``1/sigma_init^2`` (not a curvature estimate) is forgotten at step 1; the
+            precision's analogue of Adam's bias correction.
         damping: ``delta >= 0``: the mean step divides by ``lambda + N delta`` instead of
             ``lambda`` (a trust region; the precision, i.e. the posterior variance, is not
             damped). Without it ``N / lambda`` reaches ``N / lambda0`` for weights the data
@@ -151,6 +264,8 @@ class NaturalGradient(torch.optim.Optimizer):
         *,
         kl_weight: float | None = None,
         positivity: str = "split",
+        max_step_sd: float | None = None,
+        precision_debias: bool = False,
         debias: bool = True,
         point_lr: float = 1e-3,
         point_betas: tuple[float, float] = (0.9, 0.999),
@@ -167,8 +282,10 @@ class NaturalGradient(torch.optim.Optimizer):
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 < b2 <= 1.0):
             raise ValueError(f"betas must satisfy 0 <= b1 < 1 and 0 < b2 <= 1, got {betas}")
-        if positivity not in ("split", "ivon"):
-            raise ValueError(f"positivity must be 'split' or 'ivon', got {positivity!r}")
+        if positivity not in POSITIVITY:
+            raise ValueError(f"positivity must be one of {list(POSITIVITY)}, got {positivity!r}")
+        if max_step_sd is not None and not max_step_sd > 0:
+            raise ValueError(f"max_step_sd must be > 0 or None, got {max_step_sd}")
         if prior_precision is not None and not prior_precision > 0:
             raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
         if not damping >= 0 or hold_steps < 0:
@@ -210,12 +327,27 @@ class NaturalGradient(torch.optim.Optimizer):
             weight_decay=weight_decay,
             debias=debias,
             positivity=positivity,
+            max_step_sd=max_step_sd,
+            precision_debias=precision_debias,
             gaussian=False,
         )
         super().__init__(out, defaults)
         self.data_size = int(data_size)
         self.kl_weight = 1.0 / data_size if kl_weight is None else float(kl_weight)
         self.damping, self.hold_steps = float(damping), int(hold_steps)
+        self._curvature: dict[int, Tensor] = {}
+
+    def set_curvature(self, surrogate: Tensor) -> None:
+        """Use ``d surrogate / d sigma^2`` (instead of the ``rho`` gradient) as the curvature
+        ``g_s2`` of the next step: ``N h = 2 N d surrogate / d sigma^2`` for every Gaussian
+        group (the surrogate holds the data term only, no KL). Call it after the forward pass
+        and before ``backward`` (it differentiates with ``retain_graph=True``).
+
+        With :func:`ggn_surrogate` this is the generalized Gauss-Newton curvature, ``>= 0``.
+        """
+        rhos = [g["params"][1] for g in self.param_groups if g["gaussian"]]
+        grads = torch.autograd.grad(surrogate, rhos, retain_graph=True, allow_unused=True)
+        self._curvature = {id(r): g for r, g in zip(rhos, grads) if g is not None}
 
     def precision(self, mu: torch.nn.Parameter) -> Tensor | None:
         """The precision ``lambda`` kept for the weight whose mean is ``mu`` (``None`` before the
@@ -243,42 +375,53 @@ class NaturalGradient(torch.optim.Optimizer):
             return
         n = float(self.data_size)
         kw = self.kl_weight
-        lam0 = float(group["prior_precision"])
         b1, b2 = group["betas"]
         st = self.state[mu]
         sigma = F.softplus(rho)
+        s2 = sigma.square()
+        if group.get("empirical_prior") and self.defaults["prior_precision"] is None:
+            # the tensor's empirical-Bayes prior, the one its KL was evaluated at
+            c = float(group.get("prior_pseudo_count", 0.0))
+            lam0: float | Tensor = empirical_prior_var(mu, s2, 1.0 / group["prior_precision"], c).reciprocal()
+        else:
+            lam0 = float(group["prior_precision"])
         if not st:
             st["step"] = 0
-            st["precision"] = sigma.square().reciprocal_()
+            st["precision"] = s2.reciprocal()
             st["momentum"] = torch.zeros_like(mu)
         st["step"] += 1
         lam = st["precision"]
         g_mu = mu.grad if mu.grad is not None else torch.zeros_like(mu)
-        g_rho = rho.grad if rho.grad is not None else torch.zeros_like(rho)
+        curv = self._curvature.pop(id(rho), None)
+        g_rho = curv if curv is not None else (rho.grad if rho.grad is not None else torch.zeros_like(rho))
         # chain rule through sigma = softplus(rho): dL/drho = dL/ds2 * 2 sigma sigmoid(rho)
         nh = torch.sigmoid(rho).mul_(sigma).mul_(2.0).clamp_min_(1e-38)
         nh = torch.div(g_rho, nh).mul_(2.0 * n)  # 2 N g_s2
-        if kw:
+        if kw and curv is None:
             # remove the KL part: d(kw KL)/d s2 = 0.5 kw (lam0 - 1/s2), so N h = 2 N g_s2 - N kw (lam0 - 1/s2)
-            nh.add_(sigma.square_().reciprocal_(), alpha=n * kw).sub_(n * kw * lam0)
-        if group["positivity"] == "split":
-            a = nh.clamp_min(0.0).mul_(b2).add_(lam, alpha=1.0 - b2).add_(b2 * lam0)
-            b = nh.neg_().clamp_min_(0.0).mul_(b2)
-            new_lam = torch.div(b, a).mul_(b).mul_(0.5).sub_(b).add_(a)  # a - b + b^2 / (2a)
-        else:
-            t = nh.add_(lam0)
-            corr = (lam - t).square_().div_(lam).mul_(0.5 * b2 * b2)
-            new_lam = t.mul_(b2).add_(lam, alpha=1.0 - b2).add_(corr)
+            nh.add_(s2.reciprocal(), alpha=n * kw).sub_(lam0 * (n * kw))
+        if group["precision_debias"]:
+            b2 = max(b2, 1.0 / st["step"])
+        new_lam = precision_update(lam, nh, lam0, b2, group["positivity"])
         if st["step"] <= self.hold_steps:
-            new_lam = lam
+            new_lam = lam  # the precision (the weight variances) held at its initial value
         st["precision"] = new_lam
         # momentum of g_mu(data) + lam0 mu / N, where g_mu(data) = g_mu - kw lam0 mu
         coef = lam0 * (1.0 / n - kw)
-        g = g_mu if coef == 0.0 else g_mu.add(mu, alpha=coef)
+        g = g_mu if (isinstance(coef, float) and coef == 0.0) else g_mu + coef * mu
         mom = st["momentum"]
         mom.mul_(b1).add_(g, alpha=1.0 - b1)
         step = group["lr"] * n / ((1.0 - b1 ** st["step"]) if group["debias"] else 1.0)
-        mu.addcdiv_(mom, new_lam.add(n * self.damping) if self.damping else new_lam, value=-step)
+        # damping: the mean step divides by lambda + N delta (the precision itself is not damped)
+        denom = new_lam.add(n * self.damping) if self.damping else new_lam
+        if group["max_step_sd"] is None:
+            mu.addcdiv_(mom, denom, value=-step)
+        else:
+            # the trust region's precision is floored at the fixed prior precision: with an
+            # empirical prior, lam0 follows the weights, and for zero-curvature weights
+            # (lam = lam0) a bound in units of 1/sqrt(lam) could grow with them
+            lam_tr = new_lam.clamp_min(float(group["prior_precision"]))
+            mu.add_(bounded_mean_step(torch.div(mom, denom).mul_(-step), lam_tr, group["max_step_sd"]))
         s_new = new_lam.rsqrt()
         rho.copy_(s_new.neg().expm1_().neg_().log_().add_(s_new))  # softplus^-1(1/sqrt(lambda))
 

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,8 +62,10 @@ __all__ = [
     "load_records",
     "load_results",
     "protocol_markdown",
+    "record_label",
     "run_benchmark",
     "run_split",
+    "run_variant",
     "select_hyperparameters",
     "summarize",
     "validation_split",
@@ -85,9 +87,9 @@ class MethodProtocol:
     """How one method is run on UCI.
 
     Attributes:
-        defaults: hyperparameters (keys below); the grid overrides some of them.
-        grid: candidates tried on the validation part (each a dict of overrides of
-            ``defaults``); one entry means no selection.
+        defaults: the default recipe (keys below): what ``dualflow uci`` runs.
+        grid: candidates tried on the validation part with ``--search`` (each a dict of
+            overrides of ``defaults``); one entry means no selection.
         step_ms: time of one optimizer step (ms, one idle core; measured on a 2-core AMD EPYC
             VM) for scheduling and the time estimate.
         selection: hyperparameters changed for the validation runs only (``ensemble``: one
@@ -100,7 +102,14 @@ class MethodProtocol:
     (prior variance of every weight as a multiple of the layer's default ``gain^2 / fan_in``),
     ``weight_decay`` (point networks), ``relu`` (``"taylor"``: the paper's Eq. 3 rule,
     ``"closed"``: exact rectified-Gaussian moments), ``samples`` (test-time Monte Carlo
-    passes), ``train_samples``, ``ensemble_size``, ``dropout``.
+    passes), ``train_samples``, ``ensemble_size``, ``dropout``; ``prior`` (``"fixed"`` or
+    ``"empirical"``) and ``prior_pseudo_count`` (the empirical prior's hyperprior weight),
+    ``init_var_ratio`` (initial weight variance share), ``noise`` (``"homoscedastic"``,
+    ``"empirical"``, ``"heteroscedastic"``), ``objective``; the two-phase start
+    ``mean_phase`` (share of the epochs on the means only, variances held at
+    ``mean_phase_sd``, Adam at ``mean_phase_lr``); for ``bp-ng`` ``positivity``,
+    ``curvature``, ``precision_debias``, ``max_step_sd`` (:class:`dualflow.optim.NaturalGradient`)
+    and ``ng_b2_epoch`` (the precision average's weight per epoch: ``b2 = w B / N``).
     """
 
     defaults: dict[str, Any]
@@ -121,51 +130,96 @@ _COMMON: dict[str, Any] = {
     "relu": "taylor",
 }
 
-#: The protocol of every method (the names of ``dualflow.methods``).
+#: every method's defaults: the pre-issue-10 settings with S = 2000 steps (as bp's recipe)
+_DEFAULTS: dict[str, Any] = {**_COMMON, "steps": 2000}
+
+#: ``bp``'s default recipe (issue 10): chosen once on validation parts of the training rows of
+#: six sets by ``scripts/uci_recipe.py`` (table: ``results/uci/recipe_bp.md``), never on test
+#: rows: the best empirical-Bayes candidate (mean regret 0.076 nats; the same settings with the
+#: fixed prior: 0.063, within noise; the pre-issue default: 0.246).
+BP_RECIPE: dict[str, Any] = {
+    **_DEFAULTS,
+    "lr": 0.1,
+    "prior": "empirical",
+    "prior_pseudo_count": 11.0,
+}
+#: ``bp-ng``'s default recipe (same script, ``--method bp-ng``; ``results/uci/recipe_bp-ng.md``,
+#: one split of five sets: mean regret 0.183, the best of nine candidates): the safeguarded natural
+#: gradient: generalized Gauss-Newton curvature, negative curvature clipped, the precision
+#: average debiased and weighted 0.5 per epoch (``ng_b2_epoch``), mean steps bounded to one
+#: posterior (and fixed-prior) standard deviation; Adam at ``lr`` for the noise variance.
+BP_NG_RECIPE: dict[str, Any] = {
+    **BP_RECIPE,
+    "lr": 0.03,
+    "ng_lr": 0.1,
+    "ng_betas": (0.9, 0.1),
+    "ng_b2_epoch": 0.5,
+    "positivity": "clip",
+    "curvature": "ggn",
+    "precision_debias": True,
+    "max_step_sd": 1.0,
+}
+#: the pre-issue-10 settings, kept for the search grids (``--search``) so that the searched
+#: rows are the committed ones: every key where the recipes differ is reset
+_OLD_BP: dict[str, Any] = {**_COMMON, "prior": "fixed", "prior_pseudo_count": None}
+_OLD_NG: dict[str, Any] = {
+    **_OLD_BP,
+    "ng_b2_epoch": None,
+    "positivity": "split",
+    "curvature": "gradient",
+    "precision_debias": False,
+    "max_step_sd": None,
+}
+
+#: The protocol of every method (the names of ``dualflow.methods``): its default recipe (what
+#: ``dualflow uci`` runs) and its validation search grid (``dualflow uci --search``).
 METHODS: dict[str, MethodProtocol] = {
     "bp": MethodProtocol(
-        defaults=dict(_COMMON),
-        grid=({"lr": 3e-2}, {"lr": 0.1}, {"lr": 0.1, "kl_scale": 0.1}),
+        defaults=dict(BP_RECIPE),
+        grid=({**_OLD_BP, "lr": 3e-2}, {**_OLD_BP, "lr": 0.1}, {**_OLD_BP, "lr": 0.1, "kl_scale": 0.1}),
         step_ms=1.6,
     ),
     "bp-ng": MethodProtocol(
-        defaults={**_COMMON, "ng_lr": 0.03, "ng_betas": (0.9, 0.1)},
-        grid=({"ng_lr": 0.03, "ng_betas": (0.9, 0.1)}, {"ng_lr": 0.1, "ng_betas": (0.9, 0.001)}),
-        step_ms=2.0,
+        defaults=dict(BP_NG_RECIPE),
+        grid=(
+            {**_OLD_NG, "ng_lr": 0.03, "ng_betas": (0.9, 0.1)},
+            {**_OLD_NG, "ng_lr": 0.1, "ng_betas": (0.9, 0.001)},
+        ),
+        step_ms=2.6,
     ),
     "vanilla": MethodProtocol(
-        defaults={**_COMMON, "lr": 1e-2, "weight_decay": 1e-4},
+        defaults={**_DEFAULTS, "lr": 1e-2, "weight_decay": 1e-4},
         grid=({"lr": 1e-2}, {"lr": 3e-2}),
         step_ms=1.1,
     ),
     "ensemble": MethodProtocol(
-        defaults={**_COMMON, "lr": 1e-2, "weight_decay": 1e-4, "ensemble_size": 5},
+        defaults={**_DEFAULTS, "lr": 1e-2, "weight_decay": 1e-4, "ensemble_size": 5},
         grid=({"lr": 1e-2}, {"lr": 3e-2}, {"lr": 1e-2, "weight_decay": 1e-2}),
         step_ms=2.6,
         selection={"ensemble_size": 1},
     ),
     "reparam": MethodProtocol(
-        defaults={**_COMMON, "samples": 32},
+        defaults={**_DEFAULTS, "samples": 32},
         grid=({"lr": 3e-2}, {"lr": 0.1, "kl_scale": 0.1}),
         step_ms=1.1,
     ),
     "local-reparam": MethodProtocol(
-        defaults={**_COMMON, "samples": 32},
+        defaults={**_DEFAULTS, "samples": 32},
         grid=({"lr": 3e-2}, {"lr": 0.1}, {"lr": 0.1, "kl_scale": 0.1}),
         step_ms=2.0,
     ),
     "flipout": MethodProtocol(
-        defaults={**_COMMON, "samples": 32},
+        defaults={**_DEFAULTS, "samples": 32},
         grid=({"lr": 3e-2}, {"lr": 0.1}, {"lr": 0.1, "kl_scale": 0.1}),
         step_ms=2.5,
     ),
     "mc-dropout": MethodProtocol(
-        defaults={**_COMMON, "lr": 1e-2, "dropout": 0.05, "samples": 32, "weight_decay": 1e-4},
+        defaults={**_DEFAULTS, "lr": 1e-2, "dropout": 0.05, "samples": 32, "weight_decay": 1e-4},
         grid=({"dropout": 0.05}, {"dropout": 0.01}),
         step_ms=1.3,
     ),
     "reparam-ng-ensemble": MethodProtocol(
-        defaults={**_COMMON, "ng_lr": 0.03, "ng_betas": (0.9, 0.1), "samples": 32},
+        defaults={**_DEFAULTS, "ng_lr": 0.03, "ng_betas": (0.9, 0.1), "samples": 32},
         grid=({"ng_lr": 0.03}, {"ng_lr": 0.1}),
         step_ms=5.0,
     ),
@@ -218,20 +272,29 @@ class Method(Protocol):
 
 
 def _build_mlp(d_in: int, hidden: int, hp: dict[str, Any]) -> Callable[..., torch.nn.Module]:
-    """``build(bayes, dropout=0.0)`` -> ``d_in - hidden ReLU - 1`` network (the protocol's architecture)."""
+    """``build(bayes, dropout=0.0)`` -> ``d_in - hidden ReLU - 1`` network (the protocol's architecture;
+    2 outputs, mean and log noise variance, with ``noise="heteroscedastic"``)."""
     scale = float(hp.get("prior_scale", 1.0))
     relu = hp.get("relu", "closed")
+    ratio = float(hp.get("init_var_ratio", 0.01))
+    d_out = 2 if hp.get("noise") == "heteroscedastic" else 1
+    pseudo = hp.get("prior_pseudo_count")
 
     def build(bayes: bool, dropout: float = 0.0) -> torch.nn.Module:
         g1, g2 = math.sqrt(2.0), 1.0
+        kw = {"bayes": bayes, "init_var_ratio": ratio}
         layers: list[torch.nn.Module] = [
-            df.nn.Linear(d_in, hidden, bayes=bayes, prior_var=scale * g1 * g1 / d_in, gain=g1),
+            df.nn.Linear(d_in, hidden, prior_var=scale * g1 * g1 / d_in, gain=g1, **kw),
             df.nn.ReLU(relu),
         ]
         if dropout > 0:
             layers.append(df.nn.Dropout(dropout))
-        layers.append(df.nn.Linear(hidden, 1, bayes=bayes, prior_var=scale * g2 * g2 / hidden, gain=g2))
+        layers.append(df.nn.Linear(hidden, d_out, prior_var=scale * g2 * g2 / hidden, gain=g2, **kw))
         net = df.nn.Sequential(*layers)
+        if pseudo is not None:  # the hyperprior weight of an empirical prior (the method sets the prior)
+            for layer in net.modules():
+                if isinstance(layer, df.nn.BayesLayer):
+                    layer.prior_pseudo_count = float(pseudo)
         df.nn.set_checks(net, False)  # inputs are checked once by the runner
         return net
 
@@ -239,8 +302,29 @@ def _build_mlp(d_in: int, hidden: int, hp: dict[str, Any]) -> Callable[..., torc
 
 
 #: hyperparameters passed to ``dualflow.methods.create`` as method options
-_CREATE_KEYS = ("samples", "ensemble_size", "noise_var", "learn_noise", "dropout")
-_OPTION_KEYS = ("objective", "ng_lr", "ng_betas", "positivity", "train_samples")
+_CREATE_KEYS = ("samples", "ensemble_size", "noise_var", "learn_noise", "dropout", "prior", "noise")
+_OPTION_KEYS = (
+    "objective",
+    "ng_lr",
+    "ng_betas",
+    "positivity",
+    "max_step_sd",
+    "precision_debias",
+    "curvature",
+    "train_samples",
+)
+
+
+def _hold_variances(net: torch.nn.Module, sd: float | None) -> None:
+    """Hold every Gaussian weight's standard deviation at ``sd`` (its ``rho`` frozen), or with
+    ``None`` release them again (``rho`` trainable, starting from the held value)."""
+    for layer in net.modules():
+        if isinstance(layer, df.nn.BayesLayer) and layer.bayes:
+            for _, rho in layer.variational_pairs():
+                if sd is not None:
+                    with torch.no_grad():
+                        rho.fill_(sd + math.log(-math.expm1(-sd)))  # softplus^-1(sd)
+                rho.requires_grad_(sd is None)
 
 
 class _RegistryMethod:
@@ -252,9 +336,29 @@ class _RegistryMethod:
         kwargs = {k: hp[k] for k in _CREATE_KEYS if k in hp}
         kwargs.update({k: hp[k] for k in _OPTION_KEYS if k in hp})
         self.method = registry.create(name, build, task="regression", **kwargs)
+        self.mean_phase = float(hp.get("mean_phase", 0.0))
+        self.mean_phase_sd = float(hp.get("mean_phase_sd", 1e-3))
+        self.mean_phase_lr = hp.get("mean_phase_lr")
 
     def fit(self, x: Tensor, y: Tensor, config: df.train.TrainConfig) -> None:
-        self.method.fit((x, y), config)
+        """Train; with ``mean_phase = f > 0`` in two phases: the first ``f`` of the epochs on the
+        means only (every weight's sd held at ``mean_phase_sd``, the KL still on; Adam at
+        ``mean_phase_lr`` or ``config.lr``, also for ``bp-ng``), the rest on means and
+        variances from there (each phase with its own cosine schedule)."""
+        e1 = round(self.mean_phase * config.epochs) if self.mean_phase > 0 else 0
+        if e1 <= 0 or not self.method.traits.gaussian:
+            self.method.fit((x, y), config)
+            return
+        net = self.method
+        _hold_variances(net, self.mean_phase_sd)
+        lr1 = float(self.mean_phase_lr) if self.mean_phase_lr is not None else config.lr
+        cfg1 = replace(config, epochs=e1, lr=lr1)
+        try:  # phase 1 is plain Adam for every method (natural-gradient steps need the variances)
+            net.fit((x, y), cfg1, optimizer=lambda params: df.train.make_optimizer(params, cfg1, model=net))
+        finally:
+            _hold_variances(net, None)
+        if config.epochs - e1 > 0:
+            net.fit((x, y), replace(config, epochs=config.epochs - e1, seed=config.seed + 1))
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> df.Gaussian:
@@ -292,7 +396,8 @@ class RunOptions:
         data_dir: data root (``None``: ``$DUALFLOW_DATA`` / defaults).
         seed: base seed; split ``i`` uses ``seed * 1000 + i``.
         epochs: override the protocol's epoch count (smoke tests; recorded).
-        select: choose hyperparameters on the validation part (else the defaults).
+        select: choose hyperparameters on the validation part among the method's search grid
+            (``--search``); default ``False``: the method's default recipe, no search.
         overrides: hyperparameters forced for every method (recorded; skips the grid entries
             that set other values of these keys).
         threads: torch intra-op threads per worker.
@@ -301,7 +406,7 @@ class RunOptions:
     data_dir: str | None = None
     seed: int = 0
     epochs: int | None = None
-    select: bool = True
+    select: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
 
@@ -347,6 +452,17 @@ def _tensor(a: np.ndarray) -> Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float32))
 
 
+def resolve_hyperparameters(hp: dict[str, Any], batch_size: int, n_train: int) -> dict[str, Any]:
+    """``hp`` with the settings that depend on the batch resolved: ``ng_b2_epoch = w`` sets the
+    natural gradient's precision average weight per step to ``b2 = w B / N`` (a full-batch
+    run replaces ``w`` of the precision per step, a mini-batch run averages the noisy
+    per-batch curvature over about ``1 / w`` epochs)."""
+    if hp.get("ng_b2_epoch") is None:
+        return hp
+    b1 = float(hp.get("ng_betas", (0.9, 0.1))[0])
+    return {**hp, "ng_betas": (b1, min(1.0, float(hp["ng_b2_epoch"]) * batch_size / n_train))}
+
+
 def train_and_evaluate(
     method: str,
     hp: dict[str, Any],
@@ -366,6 +482,7 @@ def train_and_evaluate(
     if not (torch.isfinite(xtr).all() and torch.isfinite(ytr).all() and torch.isfinite(xev).all()):
         raise ValueError("non-finite values after standardisation")
     bs, n_epochs = schedule(xtr.shape[0], epochs, hp)
+    hp = resolve_hyperparameters(hp, bs, xtr.shape[0])
     cfg = df.train.TrainConfig(
         epochs=n_epochs,
         batch_size=bs,
@@ -396,9 +513,14 @@ def train_and_evaluate(
 
 
 def _candidates(proto: MethodProtocol, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The search candidates: grid entries over the defaults, with the forced ``overrides``.
+    A forced key that the grid varies drops the entries with other values of it; a key that
+    all entries share (e.g. ``steps``) is simply overridden."""
+    keys = {k for g in proto.grid for k in g}
+    varying = {k for k in keys if len({repr(g.get(k, proto.defaults.get(k))) for g in proto.grid}) > 1}
     out: list[dict[str, Any]] = []
     for g in proto.grid:
-        if any(k in overrides and overrides[k] != v for k, v in g.items()):
+        if any(k in overrides and k in varying and overrides[k] != v for k, v in g.items()):
             continue
         hp = {**proto.defaults, **g, **overrides}
         if hp not in out:
@@ -463,6 +585,25 @@ def select_hyperparameters(
     return ranking, trials
 
 
+def run_variant(options: RunOptions) -> str:
+    """What distinguishes a run's rows from the method's default recipe: ``"search"`` with the
+    validation search, the noise model or ``key=value`` of each forced hyperparameter
+    (``""``: the default recipe)."""
+    parts = ["search"] if options.select else []
+    for k, v in options.overrides.items():
+        if k == "noise":
+            parts.append(str(v))
+        elif k not in ("steps",):
+            parts.append(f"{k}={v}")
+    return ", ".join(parts)
+
+
+def record_label(record: dict[str, Any]) -> str:
+    """The row name of a record in tables: the method, with its variant in parentheses."""
+    v = record.get("variant") or ""
+    return f"{record['method']} ({v})" if v else record["method"]
+
+
 def _versions() -> dict[str, str]:
     return {
         "dualflow": df.__version__,
@@ -483,9 +624,9 @@ def run_split(dataset: str, split: int, method: str, options: RunOptions) -> dic
     epochs = options.epochs if options.epochs is not None else ds.n_epochs
     seed = options.seed * 1000 + split
     proto = METHODS[method]
-    cands = _candidates(proto, options.overrides)
-    if not options.select:
-        cands = cands[:1]
+    cands = (
+        _candidates(proto, options.overrides) if options.select else [{**proto.defaults, **options.overrides}]
+    )
     kw = dict(hidden=ds.n_hidden, epochs=epochs, seed=seed)
     ranking, trials = select_hyperparameters(method, cands, xtr, ytr, **kw)
     failures: list[dict[str, Any]] = []
@@ -501,10 +642,14 @@ def run_split(dataset: str, split: int, method: str, options: RunOptions) -> dic
         hp = cands[ranking[0]]
         res = {"rmse": None, "ll": None, "train_seconds": None, "source": "dualflow.methods"}
         res["batch_size"], res["epochs"] = schedule(len(ytr), epochs, hp)
+    variant = run_variant(options)
     return {
         "dataset": ds.name,
         "folder": ds.folder,
         "method": method,
+        "variant": variant,
+        "label": record_label({"method": method, "variant": variant}),
+        "protocol": "search" if options.select and len(cands) > 1 else "default recipe",
         "split": split,
         "rmse": res["rmse"],
         "ll": res["ll"],
@@ -591,8 +736,8 @@ def _json_default(o: Any) -> Any:
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(records, metas)`` of one or more result files; for the same (data set, method, split)
-    the later file wins."""
+    """``(records, metas)`` of one or more result files; for the same (data set, row label, split)
+    the later file wins (the label is the method and its variant, :func:`record_label`)."""
     by_key: dict[tuple[str, str, int], dict[str, Any]] = {}
     metas: list[dict[str, Any]] = []
     for path in paths:
@@ -610,7 +755,7 @@ def load_results(paths: Iterable[str | os.PathLike]) -> tuple[list[dict[str, Any
             missing = [k for k in ("dataset", "method", "split", "rmse", "ll", "seconds") if k not in r]
             if missing:
                 raise ValueError(f"{p}: a record lacks {', '.join(missing)}")
-            by_key[(r["dataset"], r["method"], int(r["split"]))] = r
+            by_key[(r["dataset"], record_label(r), int(r["split"]))] = r
         if isinstance(obj.get("meta"), dict):
             metas.append(obj["meta"])
     return list(by_key.values()), metas
@@ -622,12 +767,13 @@ def load_records(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    """``(dataset, method) -> {rmse, rmse_se, ll, ll_se, n, failed, seconds}``: mean and
+    """``(dataset, label) -> {rmse, rmse_se, ll, ll_se, n, failed, seconds}``: mean and
     standard error (sample std / sqrt(n)) over the ``n`` splits that did not fail (``failed``:
-    splits whose training diverged for every candidate; ``seconds``: all splits)."""
+    splits whose training diverged for every candidate; ``seconds``: all splits). The label is
+    the method, with its variant (:func:`record_label`) for searched or heteroscedastic rows."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["dataset"], r["method"]), []).append(r)
+        groups.setdefault((r["dataset"], record_label(r)), []).append(r)
     out = {}
     for key, rs in groups.items():
         ok = [r for r in rs if r.get("ll") is not None and r.get("rmse") is not None]
@@ -814,8 +960,10 @@ def run_benchmark(
     estimate exceeds 10 s, so quick checks start at once); while jobs run, a line every
     ``progress_every`` seconds (0: never) names the running jobs, their time so far against
     the expected time, and the ETA; a line per finished job gives its result. The estimate is
-    corrected by the actual times of the finished jobs as they come in. With ``resume`` the
-    jobs already in ``out`` are skipped.
+    corrected by the actual times of the finished jobs as they come in. Rows already in ``out``
+    of other methods or other variants (:func:`run_variant`: search, heteroscedastic, ...) are
+    kept; this run's rows replace those of the same methods and variant, or with ``resume`` the
+    jobs already there are skipped.
     """
     for m in methods:
         if m not in METHODS:
@@ -828,17 +976,29 @@ def run_benchmark(
             raise ValueError(f"--splits must be >= 1, got {splits}")
         epochs = options.epochs if options.epochs is not None else ds.n_epochs
         for m in methods:
-            cands = _candidates(METHODS[m], options.overrides)
-            n_c = len(cands) if options.select else 1
+            if options.select:
+                cands = _candidates(METHODS[m], options.overrides)
+            else:
+                cands = [{**METHODS[m].defaults, **options.overrides}]
+            n_c = len(cands)
             cost = job_cost(ds.train_idx.shape[1], epochs, ds.n_hidden, m, cands[0], n_c)
             for i in range(k):
                 jobs.append((cost, (ds.name, i, m, options)))
     records: list[dict[str, Any]] = []
-    if resume and out is not None and Path(out).is_file():
-        records = load_records([out])
-        done = {(r["dataset"], r["method"], int(r["split"])) for r in records}
-        jobs = [j for j in jobs if (j[1][0], j[1][2], j[1][1]) not in done]
-        log(f"resuming: {len(records)} records in {out}, {len(jobs)} jobs left")
+    others: list[dict[str, Any]] = []  # rows of other methods or variants in the same file
+    if out is not None and Path(out).is_file():
+        variant = run_variant(options)
+        old, old_metas = load_results([out])
+        if old_metas and old_metas[0].get("command"):  # the commands that made the kept rows
+            prev = [*old_metas[0].get("previous_commands", []), old_metas[0]["command"]]
+            meta = {**(meta or {}), "previous_commands": list(dict.fromkeys(prev))}
+        mine = [(r.get("variant") or "") == variant and r["method"] in methods for r in old]
+        others = [r for r, m in zip(old, mine) if not m]  # other rows of the file stay as they are
+        if resume:
+            records = [r for r, m in zip(old, mine) if m]
+            done = {(r["dataset"], r["method"], int(r["split"])) for r in records}
+            jobs = [j for j in jobs if (j[1][0], j[1][2], j[1][1]) not in done]
+            log(f"resuming: {len(records)} records of this run in {out}, {len(jobs)} jobs left")
     jobs.sort(key=lambda j: -j[0])
     n_workers = max(1, min(workers, len(jobs)))
     torch.set_num_threads(max(1, options.threads))
@@ -892,7 +1052,7 @@ def run_benchmark(
             f"elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(progress.eta())}"
         )
         if out is not None:
-            write_records(out, records, {**meta, "elapsed_seconds": elapsed})
+            write_records(out, others + records, {**meta, "elapsed_seconds": elapsed})
 
     try:
         if n_workers <= 1:
@@ -943,54 +1103,61 @@ _TABLE2_SIZES = {
 
 def protocol_markdown() -> str:
     """The protocol, as a README section (generated from :data:`METHODS` and :func:`schedule`)."""
-    steps = _COMMON["steps"]
-    full = [d for d, (n, e) in _TABLE2_SIZES.items() if schedule(n, e, _COMMON)[0] == n]
+    steps = _DEFAULTS["steps"]
+    full = [d for d, (n, e) in _TABLE2_SIZES.items() if schedule(n, e, _DEFAULTS)[0] == n]
     mini = [d for d in _TABLE2_SIZES if d not in full]
     lines = [
         "* **Data and splits.** The nine sets and their fixed splits of Hernández-Lobato & Adams "
         "(2015): 20 train/test splits (90/10), 5 for protein; files of "
         f"`{SOURCE_REPO}` at `{SOURCE_COMMIT[:7]}` (SHA-256 checked by `dualflow uci --download`).",
-        "* **Network.** One hidden layer of 50 ReLU units (100 for protein), linear output. Inputs and "
-        "target are standardised with the mean and standard deviation of the training split only "
-        "(std 0 → 1).",
-        "* **Training.** Adam with a cosine-annealed step size (bp-ng: the natural-gradient optimizer "
-        "for the Gaussian weights, Adam for the noise variance), homoscedastic Gaussian likelihood with a "
-        "learned noise variance (initial 0.1 in standardised units), prior N(0, 2/fan_in) for the "
-        "hidden and N(0, 1/fan_in) for the output layer, KL weight β/N with β = 1 unless the grid "
-        "says otherwise (β < 1 tempers the KL term). Each training run takes about "
-        f"S = {steps} optimizer steps: {', '.join(mini)} train for exactly the "
-        "protocol's epochs (40; protein 20) with batch size ceil(N·epochs/S); the small sets "
-        f"({', '.join(full)}; N·40/S < 32) train with full batches for S steps, "
-        f"i.e. {steps} epochs instead of 40. This is a deliberate deviation: 40 epochs of a few "
-        "hundred rows are a few hundred steps, far from convergence (the tuned MC-dropout re-run, "
-        "MCD'18, also trains 10x longer); PBP and DE used 40 epochs. S is set by the time budget "
-        "(the whole benchmark in under an hour on 2 cores), not tuned on test data.",
+        "* **Network.** One hidden layer of 50 ReLU units (100 for protein), linear output (two outputs, "
+        "mean and log noise variance, in the heteroscedastic rows). Inputs and target are standardised "
+        "with the mean and standard deviation of the training split only (std 0 → 1).",
+        "* **Default recipe (no search; `dualflow uci` without flags).** `bp`: Adam with a cosine-annealed "
+        "step size 0.1, the paper's predictive objective with a learned homoscedastic noise variance "
+        "(initial 0.1 in standardised units), untempered KL/N, and an **empirical-Bayes prior**: each "
+        "weight tensor and each bias vector has its own prior variance, set at every step to its "
+        "closed-form ELBO optimum (MAP-II with DVI's inverse-gamma hyperprior, 11 pseudo-weights at "
+        "the He variance 2/fan_in hidden, 1/fan_in output). `bp-ng`: the same model and prior, the "
+        "natural-gradient optimizer with its safeguards (Gauss-Newton curvature, negative curvature "
+        "clipped, debiased precision average weighted 0.5 per epoch, mean steps at most one posterior "
+        "standard deviation; step size 0.1), Adam (0.03) for the noise variance. Both recipes were "
+        "chosen once on validation parts of the training rows of a few sets (`scripts/uci_recipe.py`, "
+        "tables `results/uci/recipe_bp.md`, `results/uci/recipe_bp-ng.md`), never on test rows. "
+        "The other methods run the first point of their grid (below) with the same steps.",
+        f"* **Steps.** Each training run takes about S = {steps} optimizer steps: {', '.join(mini)} "
+        "train for exactly the protocol's epochs (40; protein 20) with batch size ceil(N·epochs/S); "
+        f"the small sets ({', '.join(full)}; N·40/S < 32) train with full batches for S steps, i.e. "
+        f"{steps} epochs instead of 40. This is a deliberate deviation: 40 epochs of a few hundred rows "
+        "are a few hundred steps, far from convergence (the tuned MC-dropout re-run, MCD'18, also trains "
+        "10x longer); PBP and DE used 40 epochs. S is set by the time budget, not tuned on test data.",
         "* **Moment rule.** `bp` and `bp-ng` propagate the ReLU with the paper's first-order rule "
-        "(Eq. 3, `relu='taylor'`); the exact rectified-Gaussian moments (`relu='closed'`) gave the "
-        "same numbers within noise in our checks (boston, concrete, yacht) at 1.5-3x the time.",
-        "* **Hyperparameter selection (never on test data).** For every split separately, its training "
-        f"rows are permuted with the split's seed and {VALIDATION_FRACTION:.0%} are held out; every "
-        "candidate of the method's grid (below) is trained on the other "
+        "(Eq. 3, `relu='taylor'`); the exact rectified-Gaussian moments (`relu='closed'`) trained worse "
+        "at the recipe's step size in the recipe search (see `results/uci/recipe_bp.md`).",
+        "* **Validation search (`--search`; rows labelled 'search').** For every split separately, its "
+        f"training rows are permuted with the split's seed and {VALIDATION_FRACTION:.0%} are held out; "
+        "every candidate of the method's grid (below) is trained on the other "
         f"{1 - VALIDATION_FRACTION:.0%} (standardised with their own statistics, same number of "
         "steps as the final run) and scored by the mean log-likelihood of the held-out rows. The best "
         "candidate (ties: the first; a candidate whose training diverges scores −∞) is retrained on the "
         "full training split, which is evaluated once on the test split. `ensemble` searches with one "
-        "member instead of five (a fifth of the cost) and trains all five with the chosen values. "
-        "Everything not in the grid is fixed for all data sets (defaults below).",
+        "member instead of five (a fifth of the cost) and trains all five with the chosen values. The "
+        "grids of `bp` and `bp-ng` are the pre-issue-10 ones (fixed prior N(0, gain²/fan_in), 1200 "
+        "steps, β = 1 or a tempered β = 0.1), so their searched rows reproduce the earlier table.",
         "* **Metrics.** RMSE of the predictive mean and the mean log predictive density "
         "log N(y; μ, σ²) of the test targets in original units (σ² includes the noise; the "
         "standardisation adds the Jacobian −log s_y); mean ± standard error (sample std / √n) over "
         "splits. Sampling methods average 32 forward passes (a Gaussian matched to the mixture's "
         "moments), ensembles their 5 members likewise.",
         "",
-        "| method | grid (validation) | other settings |",
+        "| method | default recipe | search grid (`--search`) |",
         "|---|---|---|",
     ]
     for name, proto in METHODS.items():
-        keys = sorted({k for g in proto.grid for k in g})
+        default = ", ".join(f"{k}={v}" for k, v in proto.defaults.items())
         grid = "; ".join(
-            ", ".join(f"{k}={g.get(k, proto.defaults.get(k))}" for k in keys) for g in proto.grid
+            "{" + ", ".join(f"{k}={v}" for k, v in g.items() if proto.defaults.get(k, object()) != v) + "}"
+            for g in proto.grid
         )
-        other = ", ".join(f"{k}={v}" for k, v in proto.defaults.items() if k not in keys)
-        lines.append(f"| {name} | {grid or '–'} | {other} |")
+        lines.append(f"| {name} | {default} | {grid or '–'} |")
     return "\n".join(lines)

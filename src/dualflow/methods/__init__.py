@@ -49,10 +49,21 @@ from dualflow.methods.propagation import (
     propagation,
     set_propagation,
 )
-from dualflow.methods.traits import ConfigOptimizer, NaturalGradientOptimizer, OptimizerFactory, Traits
+from dualflow.methods.traits import (
+    CURVATURES,
+    NOISES,
+    PRIOR_CHOICES,
+    ConfigOptimizer,
+    NaturalGradientOptimizer,
+    OptimizerFactory,
+    Traits,
+)
 
 __all__ = [
+    "CURVATURES",
     "METHODS",
+    "NOISES",
+    "PRIOR_CHOICES",
     "PROPAGATIONS",
     "TASKS",
     "Builder",
@@ -92,7 +103,7 @@ _SAMPLING_DOC = (
 #: name -> :class:`MethodSpec`, in the canonical order of :func:`available`
 METHODS: dict[str, MethodSpec] = {
     "bp": MethodSpec(
-        Traits(weights="gaussian"),
+        Traits(weights="gaussian", prior="auto"),
         """``bp``: deterministic belief propagation (the paper's Algorithm 1).
 
 One forward pass propagates every activation's mean and variance through the mean-field
@@ -102,18 +113,26 @@ Gaussian network; the loss is the marginal NLL of the output moments
 classification) plus KL/N; gradients by autodiff (backprop = smoothing, Theorems 1-2). The
 optimizer of the TrainConfig (Adam by default).
 
-Options: ``objective="predictive"|"elbo"`` (regression).""",
+Options: ``objective="predictive"|"elbo"`` (regression); ``prior`` (default ``"auto"``:
+``"empirical"`` for regression, each weight tensor's prior variance fitted to the ELBO in closed
+form, :func:`dualflow.nn.empirical_prior_var`; ``"fixed"`` for classification); ``noise``
+(regression, :data:`NOISES`; ``"heteroscedastic"``: the builder must give ``2 D`` outputs).""",
     ),
     "bp-ng": MethodSpec(
-        Traits(weights="gaussian", optimizer=NaturalGradientOptimizer()),
+        Traits(weights="gaussian", optimizer=NaturalGradientOptimizer(), prior="auto"),
         """``bp-ng``: BP with the natural-gradient optimizer (the paper's "BP/NF + NG").
 
 Same model and loss as ``bp``; the Gaussian weights are updated by
 :class:`dualflow.optim.NaturalGradient` (Appendix D), point parameters (the noise variance,
 normalisation weights) by Adam with ``TrainConfig.lr``.
 
-Options: ``objective``; ``ng_lr`` (default 0.1), ``ng_betas`` (default ``(0.9, 0.1)``),
-``positivity`` (``"split"``), passed to :class:`~dualflow.optim.NaturalGradient`.""",
+Options: ``objective``, ``prior``, ``noise`` (as ``bp``); ``ng_lr`` (default 0.1), ``ng_betas``
+(default ``(0.9, 0.1)``), ``positivity`` (``"split"``; ``"clip"``: negative curvature clipped),
+``max_step_sd`` (``None``: mean steps unbounded), ``precision_debias`` (``False``), passed to
+:class:`~dualflow.optim.NaturalGradient`; ``curvature`` (``"gradient"``: ``h = 2 g_s2``;
+``"ggn"``: the likelihood's Gauss-Newton curvature, regression only). The safeguarded setting
+(``curvature="ggn", positivity="clip", precision_debias=True, max_step_sd=1.0``) is what
+``dualflow uci`` runs; the defaults here keep the optimizer of the paper.""",
     ),
     "vanilla": MethodSpec(
         Traits(weights="point"),
@@ -207,13 +226,27 @@ def describe(name: str) -> str:
     return f"{spec.doc.strip()}\n\nTraits: {spec.traits.summary()}."
 
 
+#: ``create`` options of natural-gradient methods -> the :class:`NaturalGradientOptimizer` field
+_NG_OPTIONS = {
+    "ng_lr": "lr",
+    "ng_betas": "betas",
+    "positivity": "positivity",
+    "max_step_sd": "max_step_sd",
+    "precision_debias": "precision_debias",
+    "curvature": "curvature",
+}
+
+
 def _options(traits: Traits) -> dict[str, str]:
     """Method-specific options of ``create`` that apply to ``traits`` -> the trait each sets."""
     out: dict[str, str] = {}
+    out["noise"] = "noise"
+    if traits.gaussian:
+        out["prior"] = "prior"
     if traits.gaussian and not traits.sampling:
         out["objective"] = "objective"
     if traits.natural_gradient:
-        out.update(ng_lr="lr", ng_betas="betas", positivity="positivity")
+        out.update(_NG_OPTIONS)
     if traits.sampling:
         out["train_samples"] = "train_samples"
     return out
@@ -230,7 +263,7 @@ def _with_options(
     changes: dict[str, Any] = {}
     ng: dict[str, Any] = {}
     for k, v in opts.items():
-        if k.startswith("ng_") or k == "positivity":
+        if k in _NG_OPTIONS:
             ng[allowed[k]] = v
         else:
             changes[allowed[k]] = v
@@ -281,8 +314,10 @@ def create(
             (regression; in the units of the targets).
         learn_noise: learn the noise variance.
         dropout: dropout rate given to the builder (default 0; ``mc-dropout``: 0.1).
-        opts: method-specific options (see :func:`describe`): ``objective`` (``bp``,
-            ``bp-ng``), ``ng_lr``, ``ng_betas``, ``positivity`` (``bp-ng``,
+        opts: method-specific options (see :func:`describe`): ``noise`` (every method,
+            regression: :data:`NOISES`), ``prior`` (Gaussian weights: :data:`PRIOR_CHOICES`),
+            ``objective`` (``bp``, ``bp-ng``), ``ng_lr``, ``ng_betas``, ``positivity``,
+            ``max_step_sd``, ``precision_debias``, ``curvature`` (``bp-ng``,
             ``reparam-ng-ensemble``), ``train_samples`` (sampling methods). An option the
             method does not take raises ``TypeError``.
     """

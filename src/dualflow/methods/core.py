@@ -14,11 +14,16 @@ Predictive distributions (:meth:`Method.predictive`, :meth:`Method.predict`):
   ``mean = avg m_s``, ``var = avg (v_s + tau_s^2) + avg (m_s - mean)^2``;
 * classification: class probabilities ``(B, C)``, the average of each pass's
   ``E softmax`` (probit approximation for Gaussian logits, softmax for sampled logits).
+
+With ``traits.noise == "heteroscedastic"`` the noise variance is per input: the network's
+second half of outputs is ``log tau^2(x)`` and ``tau_s^2`` above is its expectation
+(:class:`~dualflow.losses.HeteroscedasticLikelihood`).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -30,7 +35,7 @@ from dualflow import losses
 from dualflow.gaussian import Gaussian, as_gaussian
 from dualflow.methods.propagation import mc_dropout, propagation, set_propagation
 from dualflow.methods.traits import Traits
-from dualflow.nn.base import PROPAGATIONS, BayesLayer
+from dualflow.nn.base import PROPAGATIONS, BayesLayer, set_prior
 from dualflow.nn.base import kl as model_kl
 from dualflow.nn.dropout import Dropout
 from dualflow.train import History, Objective, TrainConfig
@@ -97,9 +102,14 @@ class Method(torch.nn.Module):
         task: ``"regression"`` (Gaussian likelihood, output ``(B, D)``) or
             ``"classification"`` (output logits ``(B, C)``, integer labels).
         samples: ``S``, forward passes of a sampled predictive distribution.
-        noise_var: initial (or fixed) observation noise variance ``tau^2`` (regression).
-        learn_noise: learn ``tau^2`` by gradient (regression).
+        noise_var: initial (or fixed) observation noise variance ``tau^2`` (regression; with
+            heteroscedastic noise ``e^c``, the noise variance at a zero log-variance output).
+        learn_noise: learn ``tau^2`` by gradient (homoscedastic regression).
         name: the method's name (the registry's, or your own).
+
+    The Gaussian layers get the prior ``traits.prior_for(task)`` (:func:`dualflow.nn.set_prior`;
+    a module passed in is changed in place; the layers' hyperprior weight
+    ``prior_pseudo_count`` is kept).
     """
 
     def __init__(
@@ -118,7 +128,13 @@ class Method(torch.nn.Module):
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
+        if task != "regression" and traits.noise != "homoscedastic":
+            raise ValueError(f"noise={traits.noise!r} applies to regression, not {task}")
+        if task != "regression" and traits.ggn:
+            raise ValueError("curvature='ggn' is the Gauss-Newton curvature of a regression likelihood")
         self.traits, self.task, self.samples, self.name = traits, task, int(samples), name
+        #: the layer prior in effect (``traits.prior`` resolved for the task)
+        self.prior = traits.prior_for(task)
         if isinstance(model, torch.nn.Module):
             _check_model(model, traits, name)
             nets = [model] + [_reinitialise(copy.deepcopy(model)) for _ in range(traits.members - 1)]
@@ -128,16 +144,15 @@ class Method(torch.nn.Module):
             raise TypeError(
                 "model must be a torch.nn.Module or a builder build(bayes, dropout=0.0) -> module"
             )
-        if traits.gaussian and traits.sampling:
+        if traits.gaussian:
             for net in nets:
-                set_propagation(net, traits.propagation)
+                set_prior(net, self.prior)
+                if traits.sampling:
+                    set_propagation(net, traits.propagation)
         self.members = torch.nn.ModuleList(nets)
         self.likelihoods: torch.nn.ModuleList | None = None
         if task == "regression":
-            self.likelihoods = torch.nn.ModuleList(
-                losses.GaussianLikelihood(noise_var=noise_var, learn=learn_noise, objective=traits.objective)
-                for _ in nets
-            )
+            self.likelihoods = torch.nn.ModuleList(_likelihood(traits, noise_var, learn_noise) for _ in nets)
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     # ------------------------------------------------------------------ views
@@ -147,8 +162,9 @@ class Method(torch.nn.Module):
         return self.members[0]
 
     @property
-    def likelihood(self) -> losses.GaussianLikelihood | None:
-        """The first network's likelihood (regression), ``None`` for classification."""
+    def likelihood(self) -> torch.nn.Module | None:
+        """The first network's likelihood (regression: :class:`~dualflow.losses.GaussianLikelihood`
+        or :class:`~dualflow.losses.HeteroscedasticLikelihood`), ``None`` for classification."""
         return None if self.likelihoods is None else self.likelihoods[0]
 
     @property
@@ -172,9 +188,21 @@ class Method(torch.nn.Module):
     # ------------------------------------------------------------------ training
     def training_outputs(self, x: Any) -> list[list[Any]]:
         """The training forward passes of one mini-batch: ``outputs[k][s]`` is pass ``s``
-        (of ``traits.train_samples``) of member ``k``, under the training propagation."""
+        (of ``traits.train_samples``) of member ``k``, under the training propagation.
+
+        With the Gauss-Newton curvature (``traits.ggn``) the natural-gradient optimizer of the
+        running :meth:`fit` is handed the likelihoods' curvature surrogate of these outputs
+        (:meth:`dualflow.optim.NaturalGradient.set_curvature`) before the loss is
+        differentiated."""
         s = self.traits.train_samples
-        return [[net(x) for _ in range(s)] for net in self.members]
+        outputs = [[net(x) for _ in range(s)] for net in self.members]
+        ref = self.__dict__.get("_curvature_opt")
+        opt = ref() if ref is not None else None
+        if opt is not None and self.likelihoods is not None and torch.is_grad_enabled():
+            # each member's weights reach only its own surrogate: one sum serves them all
+            surrogate = sum(self.likelihoods[k].ggn_surrogate(p[0]) for k, p in enumerate(outputs))
+            opt.set_curvature(surrogate)  # type: ignore[arg-type]
+        return outputs
 
     def loss(self, outputs: Any, targets: Tensor) -> Tensor:
         """The data term ``mean_batch J`` (no KL): the sum over members of the mean over each
@@ -215,8 +243,12 @@ class Method(torch.nn.Module):
     def configure_optimizer(
         self, params: list[Any], data_size: int, config: TrainConfig
     ) -> torch.optim.Optimizer:
-        """The optimizer of :meth:`fit`: ``traits.optimizer(params, self, data_size, config)``."""
-        return self.traits.optimizer(params, self, data_size, config)
+        """The optimizer of :meth:`fit`: ``traits.optimizer(params, self, data_size, config)``
+        (with ``traits.ggn``, :meth:`training_outputs` hands it the Gauss-Newton curvature)."""
+        opt = self.traits.optimizer(params, self, data_size, config)
+        if self.traits.ggn:
+            self.__dict__["_curvature_opt"] = weakref.ref(opt)  # not a submodule, not in state_dict
+        return opt
 
     def fit(
         self,
@@ -249,9 +281,13 @@ class Method(torch.nn.Module):
         n = data_size if data_size is not None else _data_size(train_data)
         if "optimizer" not in fit_kwargs:
             fit_kwargs["optimizer"] = lambda params: self.configure_optimizer(params, n, cfg)
-        hist = train_fit(
-            self, self.loss, train_data, cfg, forward=self.training_outputs, eval_fn=eval_fn, **fit_kwargs
-        )
+        self.__dict__.pop("_curvature_opt", None)  # set again by configure_optimizer
+        try:
+            hist = train_fit(
+                self, self.loss, train_data, cfg, forward=self.training_outputs, eval_fn=eval_fn, **fit_kwargs
+            )
+        finally:
+            self.__dict__.pop("_curvature_opt", None)
         if not hist.stopped:
             self.fitted.fill_(True)
         return hist
@@ -309,8 +345,18 @@ class Method(torch.nn.Module):
             probs = [losses.predictive_probs(out) for out, _ in passes]
             return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
         assert self.likelihoods is not None
-        gs = [as_gaussian(out) for out, _ in passes]
-        nvs = [self.likelihoods[k].noise_var if noise else 0.0 for _, k in passes]
+        if self.traits.noise == "heteroscedastic":  # per-input noise: E[tau^2(x)] of each pass
+            parts = [
+                losses.heteroscedastic_moments(
+                    out, self.likelihoods[k].offset, self.likelihoods[k].min_noise_var
+                )
+                for out, k in passes
+            ]
+            gs = [f for f, _, _ in parts]
+            nvs: list[Any] = [e_tau2 if noise else 0.0 for _, e_tau2, _ in parts]
+        else:
+            gs = [as_gaussian(out) for out, _ in passes]
+            nvs = [self.likelihoods[k].noise_var if noise else 0.0 for _, k in passes]
         if len(gs) == 1:
             return Gaussian(gs[0].mean, gs[0].var + nvs[0])
         means = torch.stack([g.mean for g in gs])
@@ -362,6 +408,18 @@ class Method(torch.nn.Module):
         ll = losses.gaussian_log_density(p, y)
         t = y.unsqueeze(1) if y.dim() == 1 and p.mean.dim() == 2 else y
         return {"nll": float(-ll.mean()), "rmse": float(((p.mean - t) ** 2).mean().sqrt())}
+
+
+def _likelihood(traits: Traits, noise_var: float, learn_noise: bool) -> torch.nn.Module:
+    """One member's regression likelihood for ``traits.noise`` and ``traits.objective``."""
+    if traits.noise == "heteroscedastic":
+        return losses.HeteroscedasticLikelihood(noise_var=noise_var, objective=traits.objective)  # type: ignore[arg-type]
+    return losses.GaussianLikelihood(
+        noise_var=noise_var,
+        learn=learn_noise,
+        objective=traits.objective,  # type: ignore[arg-type]
+        empirical=traits.noise == "empirical",
+    )
 
 
 def _data_size(data: Any) -> int:

@@ -21,6 +21,11 @@ trait                   meaning
 ``mc_dropout``          the predictive averages ``samples`` passes with dropout active
 ``objective``           regression data term of moment propagation: ``"predictive"``
                         (marginal NLL) or ``"elbo"`` (expected NLL)
+``prior``               prior of the Gaussian weights: ``"fixed"`` (``N(0, prior_var)``),
+                        ``"empirical"`` (empirical Bayes per weight tensor,
+                        :func:`dualflow.nn.set_prior`) or ``"auto"`` (empirical for
+                        regression, fixed for classification; :data:`PRIOR_CHOICES`)
+``noise``               regression noise model, one of :data:`NOISES`
 ======================  =====================================================================
 """
 
@@ -31,11 +36,35 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from dualflow.nn.base import PROPAGATIONS
+from dualflow.nn.base import PRIORS, PROPAGATIONS
 from dualflow.optim import NaturalGradient
 from dualflow.train import TrainConfig, make_optimizer
 
-__all__ = ["ConfigOptimizer", "NaturalGradientOptimizer", "OptimizerFactory", "Traits"]
+__all__ = [
+    "CURVATURES",
+    "NOISES",
+    "PRIOR_CHOICES",
+    "ConfigOptimizer",
+    "NaturalGradientOptimizer",
+    "OptimizerFactory",
+    "Traits",
+]
+
+#: values of :attr:`Traits.prior`: the layer priors of :data:`dualflow.nn.PRIORS`, or ``"auto"``:
+#: ``"empirical"`` for regression and ``"fixed"`` for classification (measured: on a 130-example
+#: classification set the empirical prior shrinks until the network collapses to it, test NLL
+#: 0.60 after 20 epochs and log 3 after 60, against 0.20 and 0.18 with the fixed prior)
+PRIOR_CHOICES: tuple[str, ...] = ("auto", *PRIORS)
+#: observation-noise models of regression (:attr:`Traits.noise`): ``"homoscedastic"`` (one
+#: learned ``tau^2``), ``"empirical"`` (one ``tau^2`` fitted in closed form to the ELBO, needs
+#: ``objective="elbo"``), ``"heteroscedastic"`` (the network's second half of outputs is
+#: ``log tau^2(x)``: :class:`~dualflow.losses.HeteroscedasticLikelihood`)
+NOISES: tuple[str, ...] = ("homoscedastic", "empirical", "heteroscedastic")
+#: curvature sources of :class:`NaturalGradientOptimizer`: ``"gradient"`` (``h = 2 g_s2`` from the
+#: loss gradient, docs/maths.md section 3; not a curvature for the predictive objective) or ``"ggn"``
+#: (the generalized Gauss-Newton curvature of the Gaussian likelihood, ``>= 0``, handed to
+#: :meth:`dualflow.optim.NaturalGradient.set_curvature` at every training forward pass)
+CURVATURES: tuple[str, ...] = ("gradient", "ggn")
 
 
 class OptimizerFactory(Protocol):
@@ -71,17 +100,30 @@ class NaturalGradientOptimizer:
     Attributes:
         lr: natural-gradient step size of the means.
         betas: momentum of the mean gradient, weight of the new curvature.
-        positivity: ``"split"`` or ``"ivon"``.
+        positivity: ``"split"``, ``"ivon"`` or ``"clip"`` (:data:`dualflow.optim.POSITIVITY`).
+        max_step_sd: bound every mean step to this many posterior standard deviations
+            (``None``: no bound; :func:`dualflow.optim.bounded_mean_step`).
+        precision_debias: weight the new curvature by ``max(b2, 1/t)`` at step ``t``.
+        curvature: ``"gradient"`` or ``"ggn"`` (:data:`CURVATURES`; ``"ggn"`` needs moment
+            propagation and a regression likelihood).
     """
 
     lr: float = 0.1
     betas: tuple[float, float] = (0.9, 0.1)
     positivity: str = "split"
+    max_step_sd: float | None = None
+    precision_debias: bool = False
+    curvature: str = "gradient"
     natural_gradient: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.max_step_sd is not None:
+            object.__setattr__(self, "max_step_sd", float(self.max_step_sd))
+        object.__setattr__(self, "precision_debias", bool(self.precision_debias))
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {list(CURVATURES)}, got {self.curvature!r}")
 
     def __call__(
         self, params: list[Any], method: torch.nn.Module, data_size: int, config: TrainConfig
@@ -96,6 +138,8 @@ class NaturalGradientOptimizer:
             point_lr=config.lr,
             weight_decay=config.weight_decay,
             positivity=self.positivity,
+            max_step_sd=self.max_step_sd,
+            precision_debias=self.precision_debias,
         )
 
 
@@ -106,7 +150,10 @@ class Traits:
     Invalid combinations raise ``ValueError``: point weights with a sampling propagation
     (point layers compute ``W x + b`` in every mode), ``train_samples > 1`` with moment
     propagation (every pass would be identical), an ``"elbo"`` objective outside moment
-    propagation (sampling methods' data term already estimates the expected NLL).
+    propagation (sampling methods' data term already estimates the expected NLL), the
+    closed-form ``"empirical"`` noise without the ``"elbo"`` objective (the predictive
+    objective's optimal noise has no closed form), the Gauss-Newton curvature with a sampling
+    propagation (it reads the propagated output variances).
     """
 
     weights: str = "gaussian"
@@ -117,6 +164,8 @@ class Traits:
     dropout: float = 0.0
     mc_dropout: bool = False
     objective: str = "predictive"
+    prior: str = "fixed"
+    noise: str = "homoscedastic"
 
     def __post_init__(self) -> None:
         if self.weights not in ("gaussian", "point"):
@@ -141,6 +190,16 @@ class Traits:
             raise ValueError(
                 "the natural-gradient optimizer updates Gaussian weights: weights must be 'gaussian'"
             )
+        if self.prior not in PRIOR_CHOICES:
+            raise ValueError(f"prior must be one of {list(PRIOR_CHOICES)}, got {self.prior!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {list(NOISES)}, got {self.noise!r}")
+        if self.noise == "empirical" and self.objective != "elbo":
+            raise ValueError("noise='empirical' (closed-form ELBO noise) needs objective='elbo'")
+        if self.ggn and self.sampling:
+            raise ValueError(
+                "curvature='ggn' reads propagated output variances: it needs propagation 'moments'"
+            )
 
     @property
     def gaussian(self) -> bool:
@@ -157,6 +216,18 @@ class Traits:
         """The Gaussian weights are updated by natural gradient."""
         return bool(self.optimizer.natural_gradient)
 
+    @property
+    def ggn(self) -> bool:
+        """The natural gradient takes the Gauss-Newton curvature of the likelihood."""
+        return self.natural_gradient and getattr(self.optimizer, "curvature", "gradient") == "ggn"
+
+    def prior_for(self, task: str) -> str:
+        """The layer prior (``"fixed"`` or ``"empirical"``) used for ``task``: ``"auto"`` is
+        empirical for regression, fixed for classification."""
+        if self.prior != "auto":
+            return self.prior
+        return "empirical" if task == "regression" else "fixed"
+
     def summary(self) -> str:
         """One line: ``gaussian weights, moments, natural gradient, 1 member, ...``."""
         parts = [f"{self.weights} weights", f"{self.propagation} propagation"]
@@ -168,4 +239,8 @@ class Traits:
             parts.append(f"dropout {self.dropout:g}")
         if self.mc_dropout:
             parts.append("MC dropout at prediction")
+        if self.gaussian and self.prior != "fixed":
+            parts.append(f"{self.prior} prior")
+        if self.noise != "homoscedastic":
+            parts.append(f"{self.noise} noise")
         return ", ".join(parts)

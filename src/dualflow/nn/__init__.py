@@ -15,7 +15,17 @@ from dualflow.nn.activations import (
     Softplus,
     Tanh,
 )
-from dualflow.nn.base import BayesLayer, Module, kl, kl_normal, set_checks
+from dualflow.nn.base import (
+    EMPIRICAL_PSEUDO_COUNT,
+    PRIORS,
+    BayesLayer,
+    Module,
+    empirical_prior_var,
+    kl,
+    kl_normal,
+    set_checks,
+    set_prior,
+)
 from dualflow.nn.convert import from_torch
 from dualflow.nn.dropout import Dropout
 from dualflow.nn.functional import Functional
@@ -39,7 +49,9 @@ from dualflow.nn.structure import (
 __all__ = [
     "ACTIVATIONS",
     "ELU",
+    "EMPIRICAL_PSEUDO_COUNT",
     "GELU",
+    "PRIORS",
     "PROPAGATION_RULES",
     "Activation",
     "Add",
@@ -69,6 +81,7 @@ __all__ = [
     "Sigmoid",
     "Softplus",
     "Tanh",
+    "empirical_prior_var",
     "from_torch",
     "is_monotone",
     "kl",
@@ -78,5 +91,6 @@ __all__ = [
     "sampled_parameters",
     "set_checks",
     "set_max_pool",
+    "set_prior",
     "weight_noise",
 ]

@@ -13,13 +13,16 @@ from dualflow.gaussian import Gaussian, check_gaussian
 from dualflow.nn.sampling import PROPAGATION_RULES
 
 __all__ = [
+    "PRIORS",
     "PROPAGATIONS",
     "BayesLayer",
     "Module",
     "check_dtype",
+    "empirical_prior_var",
     "kl",
     "kl_normal",
     "set_checks",
+    "set_prior",
     "split_input",
 ]
 
@@ -96,6 +99,77 @@ def kl_normal(mean: Tensor, var: Tensor, prior_var: float | Tensor) -> Tensor:
     return 0.5 * (r + mean * mean / prior_var - 1.0 - torch.log(r)).sum()
 
 
+#: Priors of a :class:`BayesLayer` (attribute ``layer.prior``; :func:`set_prior`).
+#: ``"fixed"``: ``N(0, prior_var)`` on every weight and bias;
+#: ``"empirical"``: empirical Bayes (type-II maximum likelihood) per tensor, see
+#: :func:`empirical_prior_var`.
+PRIORS: tuple[str, ...] = ("fixed", "empirical")
+#: default weight of the empirical prior's hyperprior, in pseudo-weights at the fixed prior
+#: variance (:func:`empirical_prior_var`): 11, DVI's inverse-gamma hyperprior (``a = 4.4798``,
+#: ``2 (a + 1) = 10.96``); it matters for small tensors (biases, the output layer)
+EMPIRICAL_PSEUDO_COUNT: float = 11.0
+
+
+def empirical_prior_var(mean: Tensor, var: Tensor, anchor: float = 0.0, pseudo_count: float = 0.0) -> Tensor:
+    """The prior variance ``s0`` of one tensor that maximises the evidence lower bound.
+
+    Empirical Bayes (type-II maximum likelihood; deterministic variational inference, Wu et
+    al. 2019; docs/maths.md section 3.2). Only ``KL(q || p)`` depends on the prior; for ``n`` weights
+    ``N(mu_i, sigma_i^2)`` sharing the prior ``N(0, s0)``,
+    ``d/ds0 sum_i KL_i = sum_i (s0 - mu_i^2 - sigma_i^2) / (2 s0^2) = 0`` gives
+    ``s0* = mean_i(mu_i^2 + sigma_i^2)``, the unique minimum (``sum_i KL_i`` is convex in
+    ``1/s0``). At ``s0*`` the tensor's KL is ``0.5 sum_i (log s0* - log sigma_i^2)``.
+
+    With an inverse-gamma hyperprior ``s0 ~ IG(a, b)`` (DVI's choice; MAP-II) the optimum of
+    ``sum_i KL_i - log IG(s0)`` is ``s0* = (sum_i (mu_i^2 + sigma_i^2) + 2 b) / (n + 2 a + 2)``.
+    Written with ``pseudo_count = 2 (a + 1)`` and the hyperprior's mode ``anchor = b / (a + 1)``:
+    ``s0* = (sum_i (mu_i^2 + sigma_i^2) + pseudo_count * anchor) / (n + pseudo_count)``, the
+    tensor's second moment shrunk towards ``anchor`` as if ``pseudo_count`` more weights had
+    second moment ``anchor``. ``pseudo_count = 0``: plain type-II ML. (DVI: ``a = 4.4798``,
+    ``b = (a + 1) x`` the He variance, i.e. ``pseudo_count = 10.96`` and ``anchor`` = He.)
+
+    The result is detached: since the objective is stationary in ``s0`` at ``s0*``, its
+    gradient with respect to ``(mu, sigma)`` is the same whether ``s0*`` is treated as a
+    function of them or as a constant (envelope theorem), so the profiled objective
+    ``min_s0 [J + KL/N - log p(s0)/N]`` and an alternating closed-form update of ``s0`` made
+    before every gradient evaluation take identical steps.
+
+    Args:
+        mean, var: the tensor's means and variances (same shape).
+        anchor: the hyperprior's mode (``> 0`` when ``pseudo_count > 0``).
+        pseudo_count: the hyperprior's weight, ``>= 0``.
+
+    Returns:
+        A 0-dim tensor ``s0*`` (clamped at 1e-30).
+    """
+    total = (mean.detach().square() + var.detach()).sum()
+    if pseudo_count:
+        total = total + pseudo_count * anchor
+    return (total / (mean.numel() + pseudo_count)).clamp_min(1e-30)
+
+
+def set_prior(model: torch.nn.Module, prior: str, pseudo_count: float | None = None) -> torch.nn.Module:
+    """Set the prior (one of :data:`PRIORS`) of every :class:`BayesLayer` in ``model``.
+
+    Args:
+        model: any module.
+        prior: ``"fixed"`` or ``"empirical"``.
+        pseudo_count: with ``"empirical"``: the weight of the hyperprior (see
+            :func:`empirical_prior_var`; its mode is each layer's fixed ``prior_var``);
+            ``None`` keeps the layers' value (default :data:`EMPIRICAL_PSEUDO_COUNT`).
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
+    if pseudo_count is not None and not pseudo_count >= 0:
+        raise ValueError(f"pseudo_count must be >= 0, got {pseudo_count}")
+    for mod in model.modules():
+        if isinstance(mod, BayesLayer):
+            mod.prior = prior
+            if pseudo_count is not None:
+                mod.prior_pseudo_count = float(pseudo_count)
+    return model
+
+
 def kl(model: torch.nn.Module) -> Tensor:
     """KL(q || p) of all :class:`BayesLayer` parameters in ``model`` (0 for a point network)."""
     total: Tensor | None = None
@@ -128,7 +202,14 @@ class BayesLayer(Module):
 
     Parameterisation: ``weight_mu`` and ``weight_rho`` with ``sigma = softplus(rho)``
     (docs/maths.md section 2.3), likewise for the bias. ``bayes=False`` keeps only the means (a
-    point network). Prior ``N(0, prior_var)`` on every weight and bias.
+    point network).
+
+    Prior (attribute ``prior``, one of :data:`PRIORS`; :func:`set_prior` sets it on a model):
+    ``"fixed"`` (default) puts ``N(0, prior_var)`` on every weight and bias; ``"empirical"``
+    gives the weight tensor and the bias tensor each its own prior variance, the one that
+    maximises the evidence lower bound for the current ``q`` (:func:`empirical_prior_var`:
+    ``mean(mu^2 + sigma^2)`` over the tensor). :meth:`prior_variances` returns the values in
+    effect; ``prior_var`` reads the weight tensor's (a float) and sets the fixed value.
 
     Initialisation ("He second-moment rule"): ``E[mu^2] + sigma^2 = gain^2 / fan_in`` with
     ``sigma^2 = init_var_ratio * gain^2 / fan_in`` and ``mu ~ N(0, (1 - init_var_ratio)
@@ -155,6 +236,10 @@ class BayesLayer(Module):
     """
 
     bayes: bool
+    #: see :data:`PRIORS`; a class default, set per instance (:func:`set_prior`)
+    prior: str = "fixed"
+    #: hyperprior weight of the empirical prior (:func:`empirical_prior_var`)
+    prior_pseudo_count: float = EMPIRICAL_PSEUDO_COUNT
     _propagation: str = "moments"  # class default; set per instance through ``propagation``
 
     @property
@@ -199,7 +284,7 @@ class BayesLayer(Module):
         self.fan_in = int(fan_in)
         self.gain = float(gain)
         self.init_var_ratio = float(init_var_ratio)
-        self.prior_var = float(prior_var) if prior_var is not None else gain * gain / fan_in
+        self._prior_var = float(prior_var) if prior_var is not None else gain * gain / fan_in
         self.weight_mu = torch.nn.Parameter(torch.empty(weight_shape, **kw))
         self.weight_rho = torch.nn.Parameter(torch.empty(weight_shape, **kw)) if bayes else None
         out = weight_shape[0]
@@ -259,13 +344,53 @@ class BayesLayer(Module):
             pairs.append((self.bias_mu, self.bias_rho))
         return pairs
 
+    # ------------------------------------------------------------------ prior and KL
+    @property
+    def prior_var(self) -> float:
+        """Prior variance of the weight tensor: the fixed value, or with ``prior="empirical"``
+        the current empirical-Bayes optimum (a float; see :meth:`prior_variances`).
+        Assigning sets the fixed value."""
+        if self.prior == "empirical" and self.bayes:
+            return float(self.prior_variances()[0])
+        return self._prior_var
+
+    @prior_var.setter
+    def prior_var(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"prior_var must be > 0, got {value}")
+        self._prior_var = float(value)
+
+    def prior_variances(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight prior variance, bias prior variance or None)`` in effect, 0-dim tensors.
+
+        ``prior="fixed"``: ``prior_var`` for both. ``prior="empirical"``: each tensor's
+        :func:`empirical_prior_var` (detached), with the hyperprior's mode at the fixed
+        ``prior_var`` and weight ``prior_pseudo_count``. A point layer reports the fixed value.
+        """
+        if self.prior not in PRIORS:
+            raise ValueError(
+                f"{type(self).__name__}: prior must be one of {list(PRIORS)}, got {self.prior!r}"
+            )
+        if self.prior == "fixed" or not self.bayes:
+            s0 = self.weight_mu.new_tensor(self._prior_var)
+            return s0, (None if self.bias_mu is None else s0)
+        a, c = self._prior_var, self.prior_pseudo_count
+        w = empirical_prior_var(self.weight_mu, self.weight_var, a, c)
+        b = None if self.bias_mu is None else empirical_prior_var(self.bias_mu, self.bias_var, a, c)
+        return w, b
+
     def kl_own(self) -> Tensor:
-        """KL(q || p) of this layer's own weights and bias."""
+        """KL(q || p) of this layer's own weights and bias, at the priors of :meth:`prior_variances`
+        (with ``prior="empirical"``: the KL at the optimal prior, ``min_s0 KL``)."""
         if not self.bayes:
             return self.weight_mu.new_zeros(())
-        total = kl_normal(self.weight_mu, self.weight_var, self.prior_var)
+        if self.prior == "fixed":  # a float prior: the cheapest form (one fused expression per tensor)
+            s0_w = s0_b = self._prior_var
+        else:
+            s0_w, s0_b = self.prior_variances()
+        total = kl_normal(self.weight_mu, self.weight_var, s0_w)
         if self.bias_mu is not None:
-            total = total + kl_normal(self.bias_mu, self.bias_var, self.prior_var)
+            total = total + kl_normal(self.bias_mu, self.bias_var, s0_b)
         return total
 
     # ------------------------------------------------------------------ sampling propagation

@@ -270,7 +270,9 @@ def render_uci(
     present = {m for _, m in summary}
     methods = [m for m in uci.METHODS if m in present] + sorted(present - set(uci.METHODS))
     t = uci_tables(summary, methods)
-    commands = sorted({m.get("command", "") for m in metas if m.get("command")})
+    commands = sorted(
+        {c for m in metas for c in [*m.get("previous_commands", []), m.get("command", "")] if c}
+    )
     versions = next((m["versions"] for m in metas if "versions" in m), records[0].get("versions", {}))
     n_splits = sorted({(r["dataset"], int(r["split"])) for r in records})
     parts = [

@@ -2,13 +2,21 @@
 
 Examples::
 
+    dualflow uci                                  # bp's default recipe on all nine sets
     dualflow uci --dataset yacht --method bp --splits 1 --out runs/uci/yacht.json
     dualflow uci --dataset all --method bp,bp-ng,ensemble,reparam --workers 2 --out results/uci/uci.json
+    dualflow uci --method bp --search             # the per-split validation search (rows "bp (search)")
+    dualflow uci --method bp --set noise=heteroscedastic   # rows "bp (heteroscedastic)"
     dualflow uci --download --dataset all        # fetch the original files (network access)
 
 Data: ``--data-dir`` / ``$DUALFLOW_DATA`` holding ``uci/<folder>/`` in the standard layout
 (see :mod:`dualflow.experiments.data.uci`). Every record (one per data set, split and
 method) goes to ``--out`` as soon as it is computed; ``--resume`` skips those already there.
+
+Without ``--search`` every method runs its default recipe (no hyperparameter search; for
+``bp`` and ``bp-ng`` chosen once on validation data, ``scripts/uci_recipe.py``); with
+``--search`` each split chooses among the method's grid on a validation part of its training
+rows. ``--list`` prints both.
 """
 
 from __future__ import annotations
@@ -51,10 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=None, help="override the optimizer steps per training run (quick checks)"
     )
     p.add_argument(
-        "--no-select",
+        "--search",
         action="store_true",
-        help="skip the validation search; use each method's default hyperparameters",
+        help="choose each method's hyperparameters per split on a validation part of the training "
+        "rows (the method's search grid, see --list; rows labelled 'search'); default: the "
+        "default recipe, no search",
     )
+    p.add_argument("--no-select", action="store_true", help=argparse.SUPPRESS)  # the old default; a no-op
     p.add_argument(
         "--set",
         action="append",
@@ -84,8 +95,8 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, str(value)]
     for item in args.set:
         parts += ["--set", item]
-    if args.no_select:
-        parts.append("--no-select")
+    if args.search:
+        parts.append("--search")
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -100,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     datasets = uci.expand_datasets(args.dataset)
     if args.list:
         for name, proto in uci.METHODS.items():
-            print(f"{name}: defaults {proto.defaults}; grid {list(proto.grid)}")
+            print(f"{name}:\n  default recipe: {proto.defaults}\n  --search grid: {list(proto.grid)}")
         return 0
     if args.download:
         root = args.data_dir or default_cache_dir()
@@ -127,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         seed=args.seed,
         epochs=args.epochs,
-        select=not args.no_select,
+        select=bool(args.search),
         overrides=overrides,
         threads=args.threads,
     )
