@@ -52,8 +52,8 @@ Usage::
         [--nets mlp,lenet5,vgg,resnet8,resnet-mp] [--quick] [--workdir DIR]
 
 The default is the full configuration (more than an hour on one busy CPU thread). The reduced
-configuration of the committed results (about half an hour on one thread of a shared 2-core
-machine; one command line)::
+configuration of the committed results (21 min on one thread of the shared 2-core machine,
+beside a 2-worker job; one command line)::
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_moments.py --samples 3000 --images 16
         --train-scale 0.5 --time-repeats 3 --window-mc 100000
