@@ -153,9 +153,17 @@ def step_torch(arch: str, x, y) -> Step:
     return step, model, opt
 
 
+# ``--pool-correlation``: the window-correlation mode of every max pool of the dualflow models
+# (``None``: the library default). Correlations make the pooled means far more accurate
+# (benchmarks/results/moments.md) and cost a convolution-sized computation per pool.
+POOL_CORRELATION: str | None = None
+
+
 def _step_dualflow(arch: str, x, y, bayes: bool, checks: bool) -> Step:
     model = (mlp_builder if arch == "mlp" else cnn_builder)(bayes)
     df.nn.set_checks(model, checks)
+    if POOL_CORRELATION is not None:
+        df.nn.set_max_pool(model, correlation=POOL_CORRELATION)
     opt = _adam(model)
 
     def step() -> None:
@@ -343,7 +351,15 @@ def main() -> int:
     ap.add_argument("--methods", nargs="*", default=None, help="subset (torch always runs)")
     ap.add_argument("--compile", action="store_true", help="dualflow.rules.enable_compile(True)")
     ap.add_argument("--out", default=None, help="default: results/step_time[_compiled].json")
+    ap.add_argument(
+        "--pool-correlation",
+        default=None,
+        choices=["smooth", "meanfield", "none"],
+        help="window correlations of the dualflow max pools (default: the library's)",
+    )
     args = ap.parse_args()
+    global POOL_CORRELATION
+    POOL_CORRELATION = args.pool_correlation
     if args.out is None:
         args.out = str(RESULTS / ("step_time_compiled.json" if args.compile else "step_time.json"))
     if args.compile:
@@ -375,6 +391,7 @@ def main() -> int:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "compiled_kernels": args.compile,
+        "pool_correlation": args.pool_correlation or "library default",
         "n_train": N_TRAIN,
         "skipped": skipped,
         "seconds": time.perf_counter() - t_start,
