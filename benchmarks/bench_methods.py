@@ -61,10 +61,21 @@ def mlp_builder(bayes: bool, dropout: float = 0.0) -> torch.nn.Module:
     return dnn.Sequential(*mods)
 
 
+# ``--pool-correlation``: window-correlation mode of the CNN's max pools (``None``: library default)
+POOL_CORRELATION: str | None = None
+
+
 def cnn_builder(bayes: bool, dropout: float = 0.0) -> torch.nn.Module:
     def drop() -> list[torch.nn.Module]:
         return [dnn.Dropout(dropout)] if dropout else []
 
+    net = _cnn(bayes, drop)
+    if POOL_CORRELATION is not None:
+        dnn.set_max_pool(net, correlation=POOL_CORRELATION)
+    return net
+
+
+def _cnn(bayes: bool, drop) -> torch.nn.Module:
     return dnn.Sequential(
         dnn.Conv2d(3, 32, 3, padding=1, bayes=bayes),
         dnn.ReLU(),
@@ -276,7 +287,17 @@ def main() -> int:
         "--methods", nargs="*", default=None, help="subset of methods (vanilla and bp always run)"
     )
     ap.add_argument("--out", default=str(RESULTS / "methods.json"))
+    ap.add_argument("--predict-only", action="store_true", help="only the time to a predictive distribution")
+    ap.add_argument(
+        "--pool-correlation",
+        default=None,
+        choices=["smooth", "meanfield", "none"],
+        help="window correlations of the CNN's max pools (default: the library's)",
+    )
     args = ap.parse_args()
+    if args.pool_correlation is not None:
+        global POOL_CORRELATION
+        POOL_CORRELATION = args.pool_correlation
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
@@ -288,6 +309,8 @@ def main() -> int:
     }
     if args.quick:
         plan = {"mlp": [(32, 2)], "cnn": [(32, 1)]}
+    if args.predict_only:
+        plan = {}
     steps: list[dict] = []
     for arch, sizes in plan.items():
         for batch, rounds in sizes:
