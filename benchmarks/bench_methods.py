@@ -38,6 +38,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -120,22 +121,26 @@ def make_step(m: dm.Method, x: torch.Tensor, y: torch.Tensor):
     return step, opt
 
 
-def _live_bytes(m: dm.Method, opt: torch.optim.Optimizer) -> int:
+def _live_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     seen: dict[int, int] = {}
-    tensors = [p for p in m.parameters()] + [p.grad for p in m.parameters() if p.grad is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [b for b in model.buffers() if b is not None]
+    for s in opt.state.values():  # per-parameter dicts (ivon also keeps counters here)
+        tensors += [v for v in (s.values() if isinstance(s, dict) else [s]) if torch.is_tensor(v)]
+    # ivon keeps its flat state (momentum, hess) in the parameter groups
+    tensors += [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
     for t in tensors:
         st = t.untyped_storage()
         seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
 
 
-def peak_step_bytes(m: dm.Method, step, opt) -> int:
+def peak_step_bytes(step: Callable[[], None], model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     """Live bytes at the start of a step + peak of the running allocation sum during it."""
     from torch.profiler import ProfilerActivity, profile
 
     step()  # gradients and optimizer state exist
-    base = _live_bytes(m, opt)
+    base = _live_bytes(model, opt)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -161,7 +166,7 @@ def bench_steps(arch: str, batch: int, methods: list[str], rounds: int, warmup: 
             steps[n][0]()
             if r >= warmup:
                 times[n].append(time.perf_counter() - t0)
-    mem = {n: peak_step_bytes(ms[n], *steps[n]) for n in methods}
+    mem = {n: peak_step_bytes(steps[n][0], ms[n], steps[n][1]) for n in methods}
     med = {n: statistics.median(v) for n, v in times.items()}
     rows = []
     for n in methods:

@@ -50,7 +50,7 @@ from torch import nn
 import dualflow as df
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import cnn_builder, mlp_builder
+from bench_methods import cnn_builder, mlp_builder, peak_step_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_TRAIN = 50_000
@@ -227,35 +227,8 @@ def available_methods() -> tuple[list[str], dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- memory
-def _live_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    seen: dict[int, int] = {}
-    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [b for b in model.buffers() if b is not None]
-    for s in opt.state.values():  # per-parameter dicts (ivon also keeps counters here)
-        tensors += [v for v in (s.values() if isinstance(s, dict) else [s]) if torch.is_tensor(v)]
-    # ivon keeps its flat state (momentum, hess) in the parameter groups
-    tensors += [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def peak_step_bytes(step: Callable[[], None], model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Live bytes at the start of a step + peak of the running allocation sum during it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()  # gradients and optimizer state exist
-    base = _live_bytes(model, opt)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    run = peak = 0
-    for e in events:
-        run += e.nbytes()
-        peak = max(peak, run)
-    return base + peak
+# _live_bytes and peak_step_bytes live in bench_methods (imported above; the prototypes import
+# peak_step_bytes from here).
 
 
 # ----------------------------------------------------------------------------- driver

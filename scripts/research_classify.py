@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -33,8 +32,9 @@ import torch.nn.functional as F
 
 from dualflow import methods, models
 from dualflow.experiments import metrics as M
-from dualflow.experiments.classify import ClassifyConfig, resolve
-from dualflow.experiments.data.images import load_dataset
+from dualflow.experiments.classify import ClassifyConfig
+from dualflow.experiments.classify.runner import _prepare
+from dualflow.experiments.distributed import DistInfo
 from dualflow.gaussian import Gaussian
 from dualflow.nn.base import BayesLayer
 
@@ -81,26 +81,13 @@ def curves(out: str, paths: list[str], title: str = "") -> None:
 
 
 def _load(rec_path: str, workdir: str) -> tuple[methods.Method, Any, Any, Any]:
-    register_lenet5()
     rec = json.loads(Path(rec_path).read_text())
     cfg = ClassifyConfig(**rec["config"])
-    data = load_dataset(cfg.dataset, cfg.data_dir).limit_train(cfg.limit_train)
-    if cfg.input_norm == "scale":
-        rms = tuple(math.sqrt(m * m + s * s) for m, s in zip(data.mean, data.std))
-        data = dataclasses.replace(data, mean=tuple(0.0 for _ in rms), std=rms)
-    data, (x_val, y_val) = data.split_validation(cfg.val)
-    r = resolve(cfg, int(data.y_train.shape[0]))
-    build = models.builder(
-        cfg.arch,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        normalization=r.normalization,
-        init_var_ratio=cfg.init_var_ratio,
-        prior_var=cfg.prior_var,
-        **cfg.arch_options,
-    )
-    method = methods.create(cfg.method, build, task="classification", samples=cfg.samples)
+    # the runner's own preparation: data, input normalisation, validation split, the method
+    data, val, _, method = _prepare(cfg, DistInfo())
+    if val is None:
+        raise ValueError(f"{rec_path}: the run has no validation split (val=0); diag needs one")
+    x_val, y_val = val
     ck = torch.load(Path(workdir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     sd = ck["model"]
     if "identity" in ck:  # the runner before the one loop: its method kept the network as "net."
@@ -228,7 +215,6 @@ def timing(specs: list[str], steps: int = 20, batch: int = 128) -> None:
     from dualflow.experiments.classify.aids import hooks
 
     torch.set_num_threads(1)
-    register_lenet5()
     rows = []
     for spec in specs:
         ds, arch, *rest = spec.split(":", 2)
@@ -284,47 +270,10 @@ def partial(name: str, workdir: str, out: str) -> None:
     print(f"wrote {out} ({len(rec['history'])} epochs)")
 
 
-def build_lenet5(make: Any, num_classes: int, in_channels: int, image_size: int) -> Any:
-    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, for 28x28 images: conv5x5(6, pad 2)
-    -> ReLU -> max2 -> conv5x5(16) -> ReLU -> max2 -> 400 -> 120 -> 84 -> classes.
-
-    A stand-in until the registry has ``lenet5`` (the "moments" engineer adds it)."""
-    from dualflow import nn as dnn
-    from dualflow.models.blocks import ACT_GAINS
-
-    side = ((image_size // 2) - 4) // 2
-    layers = [
-        make.conv(in_channels, 6, 5, padding=2, gain=1.0),
-        make.norm2d(6),
-        make.act("relu"),
-        dnn.MaxPool2d(2),
-        make.conv(6, 16, 5, padding=0),
-        make.norm2d(16),
-        make.act("relu"),
-        dnn.MaxPool2d(2),
-        dnn.Flatten(1),
-        make.linear(16 * side * side, 120),
-        make.norm1d(120),
-        make.act("relu"),
-        make.linear(120, 84),
-        make.norm1d(84),
-        make.act("relu"),
-        make.linear(84, num_classes, gain=ACT_GAINS["relu"]),
-    ]
-    return dnn.Sequential(*[m for m in layers if not isinstance(m, dnn.Identity)])
-
-
-def register_lenet5() -> None:
-    """Add ``lenet5`` to the model registry of this process if it has none."""
-    if "lenet5" not in models.MODELS:
-        models.MODELS["lenet5"] = models.ModelSpec(build_lenet5, {}, "LeNet-5 (ReLU, max pooling)")
-
-
 def run(argv: list[str]) -> int:
-    """``dualflow classify`` with ``lenet5`` registered (arguments as the command's)."""
+    """``dualflow classify`` (arguments as the command's; kept for the commands in the records)."""
     from dualflow.experiments.cli import main as cli_main
 
-    register_lenet5()
     return cli_main(["classify", *argv])
 
 
@@ -338,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("out")
     c.add_argument("runs", nargs="+")
     c.add_argument("--title", default="")
-    sub.add_parser("run", help="dualflow classify with lenet5 registered")
+    sub.add_parser("run", help="dualflow classify (as the records' commands)")
     d = sub.add_parser("diag")
     d.add_argument("run")
     d.add_argument("workdir")
